@@ -1,0 +1,14 @@
+"""Pure tensor ops for SALAD attention. Imports neither ComfyUI nor salad_core, and touches no
+GPU at import time."""
+
+from .ops import block_sparse_attention, linear_attention, select_topk_blocks, sliding_window_blocks
+from .selection import BlockSelection, num_blocks
+
+__all__ = [
+    "BlockSelection",
+    "block_sparse_attention",
+    "linear_attention",
+    "num_blocks",
+    "select_topk_blocks",
+    "sliding_window_blocks",
+]

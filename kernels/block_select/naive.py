@@ -1,0 +1,86 @@
+"""Readable torch reference for block selection (Top-K and ST-SWA). Block-level only: the
+largest tensor here is [B, H, n_blocks, n_blocks], never token-by-token."""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+from ..selection import BlockSelection, block_sizes, num_blocks, selection_from_block_mask
+
+
+def mean_pool_blocks(x: torch.Tensor, block_size: int) -> torch.Tensor:
+    """[B, H, N, D] -> fp32 [B, H, n_blocks, D]: mean over the tokens each block really holds."""
+    b, h, n, d = x.shape
+    nb = num_blocks(n, block_size)
+    pad = nb * block_size - n
+    xf = x.float()
+    if pad:
+        xf = torch.nn.functional.pad(xf, (0, 0, 0, pad))
+    sums = xf.view(b, h, nb, block_size, d).sum(3)
+    return sums / block_sizes(n, block_size, x.device).to(torch.float32)[:, None]
+
+
+def select_topk_blocks_naive(
+    q: torch.Tensor, k: torch.Tensor, block_size: int, topk: int
+) -> BlockSelection:
+    """Paper A.1.2: score mean-pooled q blocks against mean-pooled k blocks, keep the top-k key
+    blocks per query block; the diagonal block is always kept (it counts towards k)."""
+    n = q.shape[2]
+    nb = num_blocks(n, block_size)
+    k_eff = max(1, min(int(topk), nb))
+    scores = mean_pool_blocks(q, block_size) @ mean_pool_blocks(k, block_size).transpose(-1, -2)
+    diag = torch.eye(nb, dtype=torch.bool, device=q.device)
+    scores = scores.masked_fill(diag, float("inf"))
+    top = scores.topk(k_eff, dim=-1).indices
+    mask = torch.zeros_like(scores, dtype=torch.bool).scatter_(-1, top, True)
+    return selection_from_block_mask(mask, block_size, n)
+
+
+def window_radius_blocks(window: int, block_size: int) -> int:
+    """A window of ``window`` tokens each side, in whole key blocks each side."""
+    return math.ceil(window / block_size)
+
+
+def sliding_window_blocks_naive(
+    batch: int,
+    seq_len: int,
+    block_size: int,
+    windows: torch.Tensor,
+    token_order: torch.Tensor | None,
+    device=None,
+) -> BlockSelection:
+    """ST-SWA (paper A.1.1): each head reads the key blocks within ``windows[h]`` tokens
+    (rounded up to whole blocks) of its query block, in that head's working token order.
+
+    windows: int [H] half-width in tokens; a window >= seq_len is dense.
+    token_order: int64 [H, N] or None (see BlockSelection).
+    """
+    nb = num_blocks(seq_len, block_size)
+    radius = torch.tensor(
+        [window_radius_blocks(int(w), block_size) for w in windows.tolist()], device=device
+    )
+    ids = torch.arange(nb, device=device)
+    dist = (ids[:, None] - ids[None, :]).abs()
+    mask = dist[None] <= radius[:, None, None]
+    mask = mask.unsqueeze(0).expand(batch, -1, -1, -1)
+    return selection_from_block_mask(mask, block_size, seq_len, token_order)
+
+
+def spatial_temporal_token_order(
+    grid: tuple[int, int, int], temporal_heads: torch.Tensor, device=None
+) -> torch.Tensor | None:
+    """int64 [H, N] working order per head, or None when every head is spatial.
+
+    Spatial heads keep the frame-major order (a frame's tokens are contiguous). Temporal heads
+    use position-major order, so one spatial location across all frames is contiguous.
+    grid: (frames, height, width) after patchify; temporal_heads: bool [H].
+    """
+    if not bool(temporal_heads.any()):
+        return None
+    frames, height, width = grid
+    n = frames * height * width
+    natural = torch.arange(n, device=device)
+    position_major = natural.view(frames, height * width).t().reshape(-1)
+    return torch.where(temporal_heads.to(device)[:, None], position_major[None], natural[None])

@@ -1,0 +1,38 @@
+"""Torch references for the ReLU linear-attention branch (paper eq. 3), per head.
+
+``linear_attention_naive`` is the explicit O(N^2) kernel form (the ground truth);
+``linear_attention_torch`` uses the associative state form with fp32 sums (the portable
+backend). Inputs [B, H, N, D]; output [B, H, N, D] in q's dtype.
+"""
+
+from __future__ import annotations
+
+import torch
+
+DEFAULT_EPS = 1e-6
+
+
+def linear_attention_naive(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, eps: float = DEFAULT_EPS
+) -> torch.Tensor:
+    """O_i = sum_j (relu(q_i).relu(k_j)) v_j / (sum_j relu(q_i).relu(k_j) + eps): builds [N, N]."""
+    fq, fk = torch.relu(q.double()), torch.relu(k.double())
+    weights = fq @ fk.transpose(-1, -2)
+    out = (weights @ v.double()) / (weights.sum(-1, keepdim=True) + eps)
+    return out.to(q.dtype)
+
+
+def linear_attention_state(k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(sum_j relu(k_j)^T v_j  fp32 [B, H, D, Dv],  sum_j relu(k_j)  fp32 [B, H, D])."""
+    fk = torch.relu(k.float())
+    return fk.transpose(-1, -2) @ v.float(), fk.sum(2)
+
+
+def linear_attention_torch(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, eps: float = DEFAULT_EPS
+) -> torch.Tensor:
+    """Paper eq. 3, second line: relu(q) H / (relu(q) Z + eps) with fp32 state."""
+    kv, z = linear_attention_state(k, v)
+    fq = torch.relu(q.float())
+    out = (fq @ kv) / ((fq @ z.unsqueeze(-1)) + eps)
+    return out.to(q.dtype)

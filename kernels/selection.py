@@ -1,0 +1,116 @@
+"""The block-sparse structure shared by every kernel: which key blocks each query block reads.
+
+Tensors follow the [B, H, N, D] layout (any strides). Query and key blocks have the same size
+and tile the sequence from token 0; the last block may be partial.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+
+@dataclass(frozen=True)
+class BlockSelection:
+    """Key blocks kept per (batch, head, query block).
+
+    kv_indices: int32 [B, H, n_blocks, max_kv] — ascending key-block ids; entries past
+        ``kv_counts`` are padding (repeat of a valid id) and must be ignored.
+    kv_counts: int32 [B, H, n_blocks] — how many entries of ``kv_indices`` are valid.
+    token_order: optional int64 [H, N] — per-head permutation: position p of the head's
+        working order holds original token ``token_order[h, p]``. ``None`` means the
+        natural (frame-major) order for every head. Blocks are taken in the working order.
+    """
+
+    kv_indices: torch.Tensor
+    kv_counts: torch.Tensor
+    block_size: int
+    seq_len: int
+    token_order: torch.Tensor | None = None
+
+    def __post_init__(self):
+        if self.kv_indices.dim() != 4 or self.kv_counts.dim() != 3:
+            raise ValueError(
+                f"Expected kv_indices [B, H, n_blocks, max_kv] and kv_counts [B, H, n_blocks], "
+                f"got {tuple(self.kv_indices.shape)} and {tuple(self.kv_counts.shape)}. "
+                "Try building the selection with select_topk_blocks or sliding_window_blocks."
+            )
+        if self.kv_indices.shape[:3] != self.kv_counts.shape:
+            raise ValueError(
+                f"Expected kv_counts shape {tuple(self.kv_indices.shape[:3])}, got "
+                f"{tuple(self.kv_counts.shape)}. Try building both from the same call."
+            )
+        if self.n_blocks != num_blocks(self.seq_len, self.block_size):
+            raise ValueError(
+                f"Expected {num_blocks(self.seq_len, self.block_size)} query blocks for "
+                f"seq_len {self.seq_len} and block_size {self.block_size}, got {self.n_blocks}. "
+                "Try rebuilding the selection for this sequence length."
+            )
+
+    @property
+    def n_blocks(self) -> int:
+        return self.kv_indices.shape[2]
+
+    @property
+    def max_kv(self) -> int:
+        return self.kv_indices.shape[3]
+
+    def density(self) -> float:
+        """Fraction of (query block, key block) pairs computed, weighted by block size.
+
+        Token-weighted, so a partial last block counts for what it holds; 1 - density is the
+        measured sparsity reported to users.
+        """
+        sizes = block_sizes(self.seq_len, self.block_size, self.kv_counts.device)
+        kept = sizes[self.kv_indices.long()] * valid_mask(self).to(sizes.dtype)
+        kept_tokens = (kept.sum(-1) * sizes).sum()
+        total = float(self.seq_len) ** 2 * self.kv_counts.shape[0] * self.kv_counts.shape[1]
+        return float(kept_tokens) / total
+
+    def sparsity(self) -> float:
+        return 1.0 - self.density()
+
+    def to_dense_block_mask(self) -> torch.Tensor:
+        """bool [B, H, n_blocks, n_blocks]: block-level mask (small; never token-level)."""
+        hits = torch.zeros(
+            *self.kv_counts.shape, self.n_blocks, dtype=torch.int32, device=self.kv_counts.device
+        )
+        # scatter_add, not scatter: padding slots repeat a kept id and must not overwrite it.
+        hits.scatter_add_(-1, self.kv_indices.long(), valid_mask(self).to(torch.int32))
+        return hits > 0
+
+
+def num_blocks(seq_len: int, block_size: int) -> int:
+    return (seq_len + block_size - 1) // block_size
+
+
+def block_sizes(seq_len: int, block_size: int, device) -> torch.Tensor:
+    """float64 [n_blocks]: tokens in each block (the last may be partial)."""
+    n = num_blocks(seq_len, block_size)
+    sizes = torch.full((n,), float(block_size), dtype=torch.float64, device=device)
+    sizes[-1] = seq_len - (n - 1) * block_size
+    return sizes
+
+
+def valid_mask(selection: BlockSelection) -> torch.Tensor:
+    """bool [B, H, n_blocks, max_kv]: which kv_indices entries are real."""
+    slots = torch.arange(selection.max_kv, device=selection.kv_counts.device)
+    return slots < selection.kv_counts.unsqueeze(-1)
+
+
+def selection_from_block_mask(
+    mask: torch.Tensor, block_size: int, seq_len: int, token_order: torch.Tensor | None = None
+) -> BlockSelection:
+    """Compact a bool [B, H, n_blocks, n_blocks] block mask into a BlockSelection."""
+    counts = mask.sum(-1, dtype=torch.int32)
+    max_kv = max(int(counts.max()), 1)
+    # Sorting keys by (not kept, block id) puts kept ids first, ascending.
+    n = mask.shape[-1]
+    ids = torch.arange(n, device=mask.device)
+    order_key = (~mask).to(torch.int64) * n + ids
+    indices = order_key.argsort(dim=-1)[..., :max_kv]
+    # Padding slots repeat the first kept id so every index stays in range.
+    pad = torch.arange(max_kv, device=mask.device) >= counts.unsqueeze(-1)
+    indices = torch.where(pad, indices[..., :1], indices)
+    return BlockSelection(indices.to(torch.int32), counts, block_size, seq_len, token_order)
