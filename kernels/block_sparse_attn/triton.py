@@ -1,0 +1,226 @@
+"""Triton block-sparse flash attention forward over a BlockSelection.
+
+One program per (query block, batch x head). It loops over ``kv_indices[b, h, m, :count]``,
+online softmax in fp32 with exp2 (log2(e) folded into the scale), and writes the output and
+the natural-log LSE. bf16/fp16 in, fp32 accumulate.
+
+Per-head token orders (ST-SWA temporal heads) are handled by a fused gather: the kernel reads
+q/k/v rows through ``token_order`` and scatters output rows back, so no permuted copy of the
+tensors is made (``ORDER_MODE = "permute"`` switches to explicit copies, for benchmarking).
+
+Optionally (``state`` given) the same program also applies the linear branch to the q tile it
+already holds: out_lin = relu(q) S / (relu(q) z + eps), written to a second output.
+"""
+
+from __future__ import annotations
+
+import os
+
+import torch
+import triton
+import triton.language as tl
+
+from ..selection import BlockSelection
+from .naive import from_working_order, to_working_order
+
+LOG2E = 1.4426950408889634
+
+
+def interpreting() -> bool:
+    return os.environ.get("TRITON_INTERPRET") == "1"
+
+
+@triton.jit
+def cast_out(x, dtype: tl.constexpr, EMULATE_RNE: tl.constexpr):
+    """x.to(dtype); under the CPU interpreter (which truncates fp32 -> bf16) round to nearest
+    even by hand, so interpreter errors match the GPU's."""
+    if EMULATE_RNE:
+        if dtype == tl.bfloat16:
+            bits = x.to(tl.int32, bitcast=True)
+            bits = (bits + 0x7FFF + ((bits >> 16) & 1)) & -65536
+            x = bits.to(tl.float32, bitcast=True)
+    return x.to(dtype)
+
+# "gather": index q/k/v rows through token_order inside the kernel (default, measured faster);
+# "permute": copy q/k/v into each head's working order first, and the output back after.
+ORDER_MODE = "gather"
+
+
+@triton.jit
+def _bsa_fwd_kernel(
+    Q, K, V, O, LSE, KVI, KVC, ORDER, S, Z, OL,
+    sqb, sqh, sqn, skb, skh, skn, svb, svh, svn, sob, soh, son,
+    slb, slh, s_ib, s_ih, s_im, s_cb, s_ch, s_oh,
+    solb, solh, soln,
+    H, N, qk_scale, eps,
+    BS: tl.constexpr, D: tl.constexpr, DV: tl.constexpr,
+    HAS_ORDER: tl.constexpr, HAS_LINEAR: tl.constexpr, DOT_F32: tl.constexpr,
+):
+    pid_m = tl.program_id(0)
+    bh = tl.program_id(1)
+    b = bh // H
+    h = bh % H
+    offs = tl.arange(0, BS)
+    offs_d = tl.arange(0, D)
+    offs_dv = tl.arange(0, DV)
+    pos_m = pid_m * BS + offs
+    m_ok = pos_m < N
+    if HAS_ORDER:
+        rows_m = tl.load(ORDER + h * s_oh + pos_m, mask=m_ok, other=0)
+    else:
+        rows_m = pos_m
+    q = tl.load(Q + b * sqb + h * sqh + rows_m[:, None] * sqn + offs_d[None, :], mask=m_ok[:, None], other=0.0)
+    if DOT_F32:  # the CPU interpreter multiplies bf16 as raw uint16: upcast there only
+        q = q.to(tl.float32)
+
+    k_base = K + b * skb + h * skh
+    v_base = V + b * svb + h * svh
+    kvi = KVI + b * s_ib + h * s_ih + pid_m * s_im
+    count = tl.load(KVC + b * s_cb + h * s_ch + pid_m)
+
+    m_i = tl.full([BS], float("-inf"), tl.float32)
+    l_i = tl.zeros([BS], tl.float32)
+    acc = tl.zeros([BS, DV], tl.float32)
+    for j in range(count):
+        kb = tl.load(kvi + j)
+        pos_n = kb * BS + offs
+        n_ok = pos_n < N
+        if HAS_ORDER:
+            rows_n = tl.load(ORDER + h * s_oh + pos_n, mask=n_ok, other=0)
+        else:
+            rows_n = pos_n
+        k = tl.load(k_base + rows_n[None, :] * skn + offs_d[:, None], mask=n_ok[None, :], other=0.0)
+        if DOT_F32:
+            k = k.to(tl.float32)
+        qk = tl.dot(q, k)
+        qk = tl.where(n_ok[None, :], qk * qk_scale, float("-inf"))
+        m_new = tl.maximum(m_i, tl.max(qk, 1))
+        p = tl.math.exp2(qk - m_new[:, None])
+        alpha = tl.math.exp2(m_i - m_new)
+        l_i = l_i * alpha + tl.sum(p, 1)
+        v = tl.load(v_base + rows_n[:, None] * svn + offs_dv[None, :], mask=n_ok[:, None], other=0.0)
+        if DOT_F32:
+            acc = acc * alpha[:, None] + tl.dot(cast_out(p, v.dtype, True).to(tl.float32), v.to(tl.float32))
+        else:
+            acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v)
+        m_i = m_new
+
+    empty = l_i == 0.0
+    l_safe = tl.where(empty, 1.0, l_i)
+    out = acc / l_safe[:, None]
+    lse = tl.where(empty, float("-inf"), (m_i + tl.math.log2(l_safe)) * 0.6931471805599453)
+    tl.store(O + b * sob + h * soh + rows_m[:, None] * son + offs_dv[None, :],
+             cast_out(out, O.dtype.element_ty, DOT_F32), mask=m_ok[:, None])
+    tl.store(LSE + b * slb + h * slh + rows_m, lse, mask=m_ok)
+
+    if HAS_LINEAR:
+        fq = tl.maximum(q.to(tl.float32), 0.0)
+        sbh = S + bh * D * DV
+        state = tl.load(sbh + offs_d[:, None] * DV + offs_dv[None, :])
+        z = tl.load(Z + bh * D + offs_d)
+        num = tl.dot(fq, state, input_precision="tf32x3")
+        den = tl.sum(fq * z[None, :], 1) + eps
+        ol = num / den[:, None]
+        tl.store(OL + b * solb + h * solh + rows_m[:, None] * soln + offs_dv[None, :],
+                 cast_out(ol, OL.dtype.element_ty, DOT_F32), mask=m_ok[:, None])
+
+
+def out_like(q: torch.Tensor, dv: int, dtype=None) -> torch.Tensor:
+    """[B, H, N, dv] output. When q is a [B, H, N, D] view of a [B, N, H, D] tensor (Wan's
+    layout), the output has that layout too, so ``out.transpose(1, 2).reshape(B, N, H*dv)`` is
+    free."""
+    b, h, n, _ = q.shape
+    dtype = q.dtype if dtype is None else dtype
+    if h > 1 and n > 1 and q.stride(1) < q.stride(2):
+        return torch.empty(b, n, h, dv, dtype=dtype, device=q.device).transpose(1, 2)
+    return torch.empty(b, h, n, dv, dtype=dtype, device=q.device)
+
+
+def _rowmajor(x: torch.Tensor) -> torch.Tensor:
+    return x if x.stride(-1) == 1 else x.contiguous()
+
+
+def _launch(q, k, v, selection: BlockSelection, scale, order, state=None, z=None, eps=0.0):
+    b, h, n, d = q.shape
+    dv = v.shape[-1]
+    bs = selection.block_size
+    q, k, v = _rowmajor(q), _rowmajor(k), _rowmajor(v)
+    out = out_like(q, dv)
+    lse = torch.empty(b, h, n, device=q.device, dtype=torch.float32)
+    kvi, kvc = selection.kv_indices, selection.kv_counts
+    if kvi.stride(-1) != 1:
+        kvi = kvi.contiguous()
+    if kvc.stride(-1) != 1:
+        kvc = kvc.contiguous()
+    has_order = order is not None
+    if has_order:
+        order = order.contiguous()
+    has_linear = state is not None
+    out_l = out_like(q, dv) if has_linear else out
+    dummy = kvc
+    grid = (selection.n_blocks, b * h)
+    _bsa_fwd_kernel[grid](
+        q, k, v, out, lse, kvi, kvc,
+        order if has_order else dummy,
+        state if has_linear else dummy,
+        z if has_linear else dummy,
+        out_l,
+        q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), k.stride(2),
+        v.stride(0), v.stride(1), v.stride(2), out.stride(0), out.stride(1), out.stride(2),
+        lse.stride(0), lse.stride(1), kvi.stride(0), kvi.stride(1), kvi.stride(2),
+        kvc.stride(0), kvc.stride(1), order.stride(0) if has_order else 0,
+        out_l.stride(0), out_l.stride(1), out_l.stride(2),
+        h, n, float(scale) * LOG2E, float(eps),
+        BS=bs, D=d, DV=dv, HAS_ORDER=has_order, HAS_LINEAR=has_linear, DOT_F32=interpreting(),
+        num_warps=8 if bs >= 128 else 4, num_stages=3,
+    )
+    return out, lse, (out_l if has_linear else None)
+
+
+def _check(q, k, v, selection):
+    d, dv = q.shape[-1], v.shape[-1]
+    if d not in (16, 32, 64, 128, 256) or dv not in (16, 32, 64, 128, 256):
+        raise ValueError(f"Triton block-sparse attention needs head dims in 16..256 (powers of 2), got {d}, {dv}. Try backend='torch'.")
+    if selection.block_size not in (16, 32, 64, 128):
+        raise ValueError(f"Triton block-sparse attention needs block_size in (16, 32, 64, 128), got {selection.block_size}. Try backend='torch'.")
+
+
+def block_sparse_attention_triton(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    selection: BlockSelection,
+    scale: float | None = None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Same contract as block_sparse_attention_torch; out keeps q's [B, N, H, D] layout when
+    q is such a view."""
+    _check(q, k, v, selection)
+    scale = q.shape[-1] ** -0.5 if scale is None else scale
+    order = selection.token_order
+    if order is not None and ORDER_MODE == "permute":
+        qw, kw, vw = (to_working_order(t, order) for t in (q, k, v))
+        out, lse, _ = _launch(qw, kw, vw, selection, scale, None)
+        return from_working_order(out, order), from_working_order(lse, order)
+    out, lse, _ = _launch(q, k, v, selection, scale, order)
+    return out, lse
+
+
+def salad_attention_triton(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    selection: BlockSelection,
+    scale: float | None = None,
+    eps: float = 1e-6,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Sparse branch and linear branch in one pass over q: (out_sparse, lse, out_linear)."""
+    from ..linear_attn.triton import linear_state_triton  # noqa: PLC0415 (circular)
+
+    _check(q, k, v, selection)
+    scale = q.shape[-1] ** -0.5 if scale is None else scale
+    state, z = linear_state_triton(k, v)
+    out, lse, out_l = _launch(q, k, v, selection, scale, selection.token_order, state, z, eps)
+    return out, lse, out_l
+
+
+__all__ = ["block_sparse_attention_triton", "salad_attention_triton", "out_like"]

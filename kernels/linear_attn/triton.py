@@ -1,0 +1,124 @@
+"""Triton ReLU linear attention (paper eq. 3) with fp32 state.
+
+1. ``_state_kernel``: split-N reduction of S = sum_j relu(k_j)^T v_j ([D, Dv]) and
+   z = sum_j relu(k_j) ([D]) per (batch, head), fp32 accumulate, fp32 atomic adds across splits.
+2. ``_apply_kernel``: per query tile, relu(q) S / (relu(q) z + eps) (3xTF32 product, so the
+   fp32 state keeps near-fp32 accuracy), optional scalar ``out_scale`` (e.g. the SALAD gate)
+   fused into the store.
+The apply step can instead ride in the sparse kernel's epilogue (block_sparse_attn.triton).
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+from ..block_sparse_attn.triton import cast_out, interpreting, out_like
+from .naive import DEFAULT_EPS
+
+STATE_ROWS_PER_PROGRAM = 2048
+
+
+@triton.jit
+def _state_kernel(
+    K, V, S, Z,
+    skb, skh, skn, svb, svh, svn,
+    H, N, ROWS,
+    BN: tl.constexpr, D: tl.constexpr, DV: tl.constexpr, DOT_F32: tl.constexpr,
+):
+    split = tl.program_id(0)
+    bh = tl.program_id(1)
+    b = bh // H
+    h = bh % H
+    offs_n = tl.arange(0, BN)
+    offs_d = tl.arange(0, D)
+    offs_dv = tl.arange(0, DV)
+    acc = tl.zeros([D, DV], tl.float32)
+    zacc = tl.zeros([D], tl.float32)
+    start = split * ROWS
+    for r in range(start, tl.minimum(start + ROWS, N), BN):
+        rows = r + offs_n
+        ok = rows < N
+        kt = tl.load(K + b * skb + h * skh + rows[None, :] * skn + offs_d[:, None], mask=ok[None, :], other=0.0)
+        kt = tl.maximum(kt, 0.0).to(V.dtype.element_ty)
+        v = tl.load(V + b * svb + h * svh + rows[:, None] * svn + offs_dv[None, :], mask=ok[:, None], other=0.0)
+        if DOT_F32:  # the CPU interpreter multiplies bf16 as raw uint16: upcast there only
+            acc += tl.dot(kt.to(tl.float32), v.to(tl.float32))
+        else:
+            acc += tl.dot(kt, v)
+        zacc += tl.sum(kt.to(tl.float32), 1)
+    tl.atomic_add(S + bh * D * DV + offs_d[:, None] * DV + offs_dv[None, :], acc)
+    tl.atomic_add(Z + bh * D + offs_d, zacc)
+
+
+@triton.jit
+def _apply_kernel(
+    Q, S, Z, O, SCALE,
+    sqb, sqh, sqn, sob, soh, son,
+    H, N, eps,
+    BM: tl.constexpr, D: tl.constexpr, DV: tl.constexpr, HAS_SCALE: tl.constexpr,
+    EMULATE_RNE: tl.constexpr,
+):
+    pid = tl.program_id(0)
+    bh = tl.program_id(1)
+    b = bh // H
+    h = bh % H
+    rows = pid * BM + tl.arange(0, BM)
+    ok = rows < N
+    offs_d = tl.arange(0, D)
+    offs_dv = tl.arange(0, DV)
+    q = tl.load(Q + b * sqb + h * sqh + rows[:, None] * sqn + offs_d[None, :], mask=ok[:, None], other=0.0)
+    fq = tl.maximum(q.to(tl.float32), 0.0)
+    state = tl.load(S + bh * D * DV + offs_d[:, None] * DV + offs_dv[None, :])
+    z = tl.load(Z + bh * D + offs_d)
+    num = tl.dot(fq, state, input_precision="tf32x3")
+    den = tl.sum(fq * z[None, :], 1) + eps
+    out = num / den[:, None]
+    if HAS_SCALE:
+        out = out * tl.load(SCALE).to(tl.float32)
+    tl.store(O + b * sob + h * soh + rows[:, None] * son + offs_dv[None, :], cast_out(out, O.dtype.element_ty, EMULATE_RNE), mask=ok[:, None])
+
+
+def _rowmajor(x: torch.Tensor) -> torch.Tensor:
+    return x if x.stride(-1) == 1 else x.contiguous()
+
+
+def linear_state_triton(k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(S fp32 [B, H, D, Dv], z fp32 [B, H, D]), contiguous."""
+    b, h, n, d = k.shape
+    dv = v.shape[-1]
+    k, v = _rowmajor(k), _rowmajor(v)
+    state = torch.zeros(b, h, d, dv, device=k.device, dtype=torch.float32)
+    z = torch.zeros(b, h, d, device=k.device, dtype=torch.float32)
+    rows = STATE_ROWS_PER_PROGRAM
+    bn = 64 if n >= 64 else 16
+    _state_kernel[(triton.cdiv(n, rows), b * h)](
+        k, v, state, z,
+        k.stride(0), k.stride(1), k.stride(2), v.stride(0), v.stride(1), v.stride(2),
+        h, n, rows, BN=bn, D=d, DV=dv, DOT_F32=interpreting(), num_warps=8 if d * dv >= 128 * 128 else 4, num_stages=3,
+    )
+    return state, z
+
+
+def linear_apply_triton(q, state, z, eps=DEFAULT_EPS, out_scale: torch.Tensor | None = None):
+    b, h, n, d = q.shape
+    dv = state.shape[-1]
+    q = _rowmajor(q)
+    out = out_like(q, dv)
+    bm = 64
+    _apply_kernel[(triton.cdiv(n, bm), b * h)](
+        q, state, z, out, out_scale if out_scale is not None else z,
+        q.stride(0), q.stride(1), q.stride(2), out.stride(0), out.stride(1), out.stride(2),
+        h, n, float(eps), BM=bm, D=d, DV=dv, HAS_SCALE=out_scale is not None, EMULATE_RNE=interpreting(),
+        num_warps=4,
+    )
+    return out
+
+
+def linear_attention_triton(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, eps: float = DEFAULT_EPS
+) -> torch.Tensor:
+    """Same contract as linear_attention_torch."""
+    state, z = linear_state_triton(k, v)
+    return linear_apply_triton(q, state, z, eps)
