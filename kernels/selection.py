@@ -56,17 +56,19 @@ class BlockSelection:
     def max_kv(self) -> int:
         return self.kv_indices.shape[3]
 
-    def density(self) -> float:
-        """Fraction of (query block, key block) pairs computed, weighted by block size.
+    def kept_token_pairs(self) -> torch.Tensor:
+        """float64 scalar on the selection's device: (query, key) token pairs computed.
 
-        Token-weighted, so a partial last block counts for what it holds; 1 - density is the
-        measured sparsity reported to users.
-        """
+        Token-weighted, so a partial last block counts for what it holds. Stays on the
+        device (no synchronisation) so it can be recorded during sampling."""
         sizes = block_sizes(self.seq_len, self.block_size, self.kv_counts.device)
         kept = sizes[self.kv_indices.long()] * valid_mask(self).to(sizes.dtype)
-        kept_tokens = (kept.sum(-1) * sizes).sum()
+        return (kept.sum(-1) * sizes).sum()
+
+    def density(self) -> float:
+        """Fraction of (query, key) token pairs computed; 1 - density is the measured sparsity."""
         total = float(self.seq_len) ** 2 * self.kv_counts.shape[0] * self.kv_counts.shape[1]
-        return float(kept_tokens) / total
+        return float(self.kept_token_pairs()) / total
 
     def sparsity(self) -> float:
         return 1.0 - self.density()

@@ -1,0 +1,122 @@
+"""SALAD attention (paper §4, Alg. 1) and the module that replaces Wan's self-attention."""
+
+from __future__ import annotations
+
+from typing import Callable
+
+import torch
+from torch import nn
+
+import kernels
+
+from .gate import scalar_gate
+from .wan import SELF_ATTN_PARTS
+
+
+class SaladBranch(nn.Module):
+    """SALAD's own parameters for one layer: Proj (C x C), gate (C -> 1), static scale s_l.
+
+    ``linear_cls`` is the Linear class to build with (ComfyUI passes ``comfy.ops`` so the
+    weights are cast and offloaded like the rest of the model)."""
+
+    def __init__(self, dim: int, linear_cls=nn.Linear, device=None, dtype=None):
+        super().__init__()
+        self.proj = linear_cls(dim, dim, device=device, dtype=dtype)
+        self.gate = linear_cls(dim, 1, device=device, dtype=dtype)
+        self.scale = nn.Parameter(torch.ones(1, device=device, dtype=dtype))
+
+    @torch.no_grad()
+    def reset_fresh(self) -> None:
+        """Zero projection (paper §4.2: training starts from plain sparse attention), neutral
+        gate sigmoid(0) = 0.5, scale 1."""
+        for p in (self.proj.weight, self.proj.bias, self.gate.weight, self.gate.bias):
+            p.zero_()
+        self.scale.fill_(1.0)
+
+    def projection_is_zero(self) -> bool:
+        return not bool(self.proj.weight.any()) and not bool(self.proj.bias.any())
+
+
+def merge_heads(x: torch.Tensor) -> torch.Tensor:
+    """[B, H, N, D] -> [B, N, H * D]."""
+    b, h, n, d = x.shape
+    return x.transpose(1, 2).reshape(b, n, h * d)
+
+
+def salad_attention(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    x: torch.Tensor,
+    selection: kernels.BlockSelection,
+    branch: SaladBranch | None,
+    linear_scale: float = 1.0,
+    backend: str = "auto",
+    eps: float = 1e-6,
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """Alg. 1 up to (not including) W_o.
+
+    q, k, v: [B, H, N, D] (RoPE'd q and k); x: the block's input hidden states [B, N, C].
+    branch None skips the linear branch (branch dropping, or a zero projection).
+    Returns (O~ [B, N, C] in v's dtype, the scalar gate [B] fp32 or None).
+    """
+    sparse, _ = kernels.block_sparse_attention(q, k, v, selection, backend=backend)  # eq. 2
+    out = merge_heads(sparse)
+    if branch is None:
+        return out, None
+    linear = merge_heads(kernels.linear_attention(q, k, v, eps=eps, backend=backend))  # eq. 3
+    gate = scalar_gate(x, branch.gate)  # Alg. 1, G and its token mean
+    coeff = (linear_scale * gate * branch.scale.float()).to(out.dtype)  # lambda * s_l * G
+    return out + coeff[:, None, None] * branch.proj(linear.to(out.dtype)), gate  # Alg. 1, O~
+
+
+class SaladSelfAttention(nn.Module):
+    """Drop-in replacement for ComfyUI's WanSelfAttention.
+
+    Reuses the stock module's q/k/v/o/norm_q/norm_k submodules (same objects, same names), so
+    LoRA patches, weight casting and lowvram loading keep working and unpatching restores the
+    stock module. The stock module itself is kept only as a bound forward for dense steps, out
+    of this module's parameter tree.
+    """
+
+    def __init__(
+        self,
+        stock: nn.Module,
+        layer: int,
+        branch: SaladBranch,
+        runtime,
+        apply_rope: Callable[[torch.Tensor, torch.Tensor], torch.Tensor],
+    ):
+        super().__init__()
+        for name in SELF_ATTN_PARTS:
+            setattr(self, name, getattr(stock, name))
+        self.dim = stock.dim
+        self.num_heads = stock.num_heads
+        self.head_dim = stock.head_dim
+        self.layer = layer
+        self.salad = branch
+        self.runtime = runtime
+        self._apply_rope = apply_rope
+        self._stock_forward = stock.forward
+
+    def forward(self, x, freqs, transformer_options={}):
+        call = self.runtime.call_info(transformer_options)
+        if call.dense:
+            return self._stock_forward(x, freqs, transformer_options=transformer_options)
+        b, n = x.shape[:2]
+        h, d = self.num_heads, self.head_dim
+        # Same order and dtypes as the stock forward (norm + RoPE in fp32 via apply_rope).
+        q = self._apply_rope(self.norm_q(self.q(x)).view(b, n, h, d), freqs).transpose(1, 2)
+        k = self._apply_rope(self.norm_k(self.k(x)).view(b, n, h, d), freqs).transpose(1, 2)
+        v = self.v(x).view(b, n, h, d).transpose(1, 2)
+        with self.runtime.timed(self.layer):
+            selection = self.runtime.selection(self.layer, q, k, call)
+            branch = self.salad if self.runtime.linear_active(self.layer) else None
+            out, gate = salad_attention(
+                q, k, v, x, selection, branch,
+                linear_scale=self.runtime.config.linear_scale,
+                backend=self.runtime.config.backend,
+                eps=self.runtime.config.eps,
+            )
+        self.runtime.record(self.layer, selection, gate)
+        return self.o(out)

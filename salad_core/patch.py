@@ -1,0 +1,139 @@
+"""Hooking SALAD into a ComfyUI ModelPatcher (design.md §3). The only salad_core file that
+imports ComfyUI, always inside functions, so salad_core imports without it."""
+
+from __future__ import annotations
+
+import logging
+import math
+
+import torch
+
+from .attention import SaladBranch, SaladSelfAttention
+from .config import SaladConfig
+from .dropping import dropped_layers
+from .runtime import CALL_KEY, SaladRuntime
+from .weights import SaladWeights, fresh_salad_weights
+from .wan import wan_info
+
+log = logging.getLogger("salad")
+
+WRAPPER_KEY = "salad"
+ATTACHMENT_KEY = "salad_runtime"
+
+
+def self_attn_key(layer: int) -> str:
+    return f"diffusion_model.blocks.{layer}.self_attn"
+
+
+def stock_self_attention(model_patcher, layer: int) -> torch.nn.Module:
+    """The stock module of a block, even if ``model_patcher`` already carries a SALAD patch."""
+    patched = model_patcher.object_patches.get(self_attn_key(layer))
+    if isinstance(patched, SaladSelfAttention):
+        return patched._stock_forward.__self__
+    return model_patcher.model.diffusion_model.blocks[layer].self_attn
+
+
+def apply_salad(model_patcher, config: SaladConfig, weights: SaladWeights | None = None):
+    """Return a clone of ``model_patcher`` whose Wan self-attention layers run SALAD.
+
+    The input patcher is never mutated. Validation happens before anything is cloned, so a
+    bad model or file raises with nothing patched.
+    """
+    import comfy.ldm.flux.math
+    import comfy.ops
+    import comfy.patcher_extension
+    import comfy.sd
+
+    dm = model_patcher.model.diffusion_model
+    info = wan_info(dm, source="the MODEL input")
+    source = weights.source if weights is not None else "training-free (no weights file)"
+    if weights is not None:
+        weights.check_compatible(info)
+        if config.windows is None and config.sparse_mode == "st_swa" and weights.meta.windows is not None:
+            config = _replace_windows(config, weights.meta.windows)
+    config.check_windows_for(info.num_layers, info.num_heads)
+    drop = dropped_layers(config, weights, info.num_layers)
+    weights = weights or fresh_salad_weights(info)
+
+    clone = model_patcher.clone()
+    if weights.lora_state():
+        # The stock LoRA path, so SALAD's LoRA behaves exactly like a LoRA loader node.
+        clone, _ = comfy.sd.load_lora_for_models(clone, None, weights.lora_state(), 1.0, 0.0)
+
+    ref = dm.blocks[0].self_attn.q.weight
+    linear_cls = comfy.ops.manual_cast.Linear
+    branches, active = [], set()
+    for layer in range(info.num_layers):
+        branch = SaladBranch(info.dim, linear_cls, device=ref.device, dtype=ref.dtype)
+        branch.load_state_dict({k: v.to(ref.dtype) for k, v in weights.branch_state(layer).items()})
+        branches.append(branch)
+        # A zero projection makes the branch exactly zero: skip its work, it changes nothing.
+        if layer not in drop and not branch.projection_is_zero():
+            active.add(layer)
+
+    runtime = SaladRuntime(config, info, frozenset(active), source)
+    for layer, branch in enumerate(branches):
+        module = SaladSelfAttention(
+            stock_self_attention(model_patcher, layer), layer, branch, runtime, comfy.ldm.flux.math.apply_rope1
+        )
+        clone.add_object_patch(self_attn_key(layer), module)
+
+    clone.add_wrapper_with_key(comfy.patcher_extension.WrappersMP.DIFFUSION_MODEL, WRAPPER_KEY, _diffusion_model_wrapper(runtime))
+    clone.add_wrapper_with_key(comfy.patcher_extension.WrappersMP.OUTER_SAMPLE, WRAPPER_KEY, _outer_sample_wrapper(runtime))
+    clone.set_attachments(ATTACHMENT_KEY, runtime)
+    log.info(
+        "SALAD: %s, %s mode, sparsity %.2f, linear branch in %d/%d layers (%d dropped), backend %s",
+        source, config.sparse_mode, config.sparsity, len(active), info.num_layers, len(drop), config.backend,
+    )
+    return clone
+
+
+def salad_runtime(model_patcher) -> SaladRuntime | None:
+    return model_patcher.get_attachment(ATTACHMENT_KEY)
+
+
+def _replace_windows(config: SaladConfig, windows) -> SaladConfig:
+    from dataclasses import replace
+
+    return replace(config, windows=windows)
+
+
+def _format_ms(per_step: list[float | None]) -> str:
+    known = [t for t in per_step if t is not None]
+    return f"{sum(known) / len(known):.1f} ms/step" if known else "not measured"
+
+
+def latent_grid(x: torch.Tensor, patch_size, time_dim_concat: torch.Tensor | None) -> tuple[int, int, int]:
+    """Token grid (frames, height, width) of a Wan input [B, C, T, H, W] after patchify."""
+    frames = x.shape[2] + (time_dim_concat.shape[2] if time_dim_concat is not None else 0)
+    sizes = (frames, x.shape[3], x.shape[4])
+    return tuple(math.ceil(s / p) for s, p in zip(sizes, patch_size))
+
+
+def _diffusion_model_wrapper(runtime: SaladRuntime):
+    def wrapper(executor, x, timestep, context, clip_fea=None, time_dim_concat=None, transformer_options={}, **kwargs):
+        grid = latent_grid(x, executor.class_obj.patch_size, time_dim_concat)
+        call = runtime.make_call_info(grid, transformer_options)
+        runtime.stats.begin_call(call.step, call.dense)
+        # A copy, so nothing SALAD adds outlives this call.
+        options = {**transformer_options, CALL_KEY: call}
+        return executor(x, timestep, context, clip_fea, time_dim_concat, options, **kwargs)
+
+    return wrapper
+
+
+def _outer_sample_wrapper(runtime: SaladRuntime):
+    def wrapper(executor, *args, **kwargs):
+        runtime.stats.start_run()
+        try:
+            return executor(*args, **kwargs)
+        finally:
+            summary = runtime.stats.summary()
+            log.info(
+                "SALAD run: %d SALAD steps + %d dense, measured sparsity %s, attention %s",
+                len(summary.steps), summary.dense_steps,
+                "n/a" if summary.sparsity is None else f"{summary.sparsity:.3f}",
+                _format_ms(summary.attention_ms),
+            )
+
+    return wrapper

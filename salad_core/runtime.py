@@ -1,0 +1,95 @@
+"""Per-patched-model state shared by every SALAD layer: the config, which layers keep their
+linear branch, the cached ST-SWA selections, the current call's step, and the stats."""
+
+from __future__ import annotations
+
+import contextlib
+from dataclasses import dataclass
+
+import torch
+
+import kernels
+
+from .config import HeadWindow, SaladConfig, default_head_windows
+from .stats import SaladStats
+from .wan import WanModelInfo
+
+CALL_KEY = "salad_call"
+
+
+@dataclass(frozen=True)
+class CallInfo:
+    """What one diffusion-model call needs to know, written by the DIFFUSION_MODEL wrapper."""
+
+    grid: tuple[int, int, int] | None = None
+    step: int | None = None
+    dense: bool = False
+
+
+class SaladRuntime:
+    def __init__(self, config: SaladConfig, info: WanModelInfo, linear_layers: frozenset[int], source: str):
+        self.config = config
+        self.info = info
+        self.linear_layers = linear_layers
+        self.source = source
+        self.stats = SaladStats(info.num_layers)
+        self._stswa_cache: dict = {}
+
+    # -- per call ---------------------------------------------------------------------------
+    def call_info(self, transformer_options: dict) -> CallInfo:
+        return transformer_options.get(CALL_KEY) or CallInfo()
+
+    def make_call_info(self, grid, transformer_options: dict) -> CallInfo:
+        step = step_index(transformer_options)
+        dense = step is not None and step < self.config.dense_steps
+        return CallInfo(grid=grid, step=step, dense=dense)
+
+    def linear_active(self, layer: int) -> bool:
+        return layer in self.linear_layers
+
+    # -- selection --------------------------------------------------------------------------
+    def selection(self, layer: int, q: torch.Tensor, k: torch.Tensor, call: CallInfo) -> kernels.BlockSelection:
+        cfg = self.config
+        b, _, n, _ = q.shape
+        nb = kernels.num_blocks(n, cfg.block_size)
+        if cfg.sparse_mode == "topk":
+            return kernels.select_topk_blocks(q, k, cfg.block_size, cfg.topk_for(nb), backend=cfg.backend)
+        grid = call.grid
+        if grid is None or grid[0] * grid[1] * grid[2] != n:
+            raise ValueError(
+                f"Expected the latent grid (frames x height x width) to cover the {n} tokens for "
+                f"ST-SWA, got grid {grid}. Try sparse_mode 'topk' for this model or input "
+                "(e.g. reference latents add tokens outside the video grid)."
+            )
+        windows = self.head_windows(layer, nb)
+        key = (windows, grid, b, q.device, cfg.block_size)
+        if key not in self._stswa_cache:
+            sizes = torch.tensor([w.window for w in windows])
+            temporal = torch.tensor([w.kind == "temporal" for w in windows])
+            self._stswa_cache[key] = kernels.sliding_window_blocks(b, grid, cfg.block_size, sizes, temporal, q.device)
+        return self._stswa_cache[key]
+
+    def head_windows(self, layer: int, n_blocks: int) -> tuple[HeadWindow, ...]:
+        cfg = self.config
+        if cfg.windows is not None:
+            return cfg.windows[layer]
+        return default_head_windows(self.info.num_heads, n_blocks, cfg.block_size, cfg.sparsity)
+
+    # -- stats ------------------------------------------------------------------------------
+    def timed(self, layer: int):
+        return self.stats.timed() if self.stats.active else contextlib.nullcontext()
+
+    def record(self, layer: int, selection: kernels.BlockSelection, gate: torch.Tensor | None) -> None:
+        if self.stats.active:
+            self.stats.record_layer(layer, selection, gate)
+
+
+def step_index(transformer_options: dict) -> int | None:
+    """Index of the current sampling step in the schedule, or None outside a sampler."""
+    schedule = transformer_options.get("sample_sigmas")
+    sigmas = transformer_options.get("sigmas")
+    if schedule is None or sigmas is None:
+        return None
+    current = sigmas.reshape(-1)[:1].to(schedule.device, schedule.dtype)
+    return int((schedule - current).abs().argmin())
+
