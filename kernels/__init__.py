@@ -1,7 +1,13 @@
 """Pure tensor ops for SALAD attention. Imports neither ComfyUI nor salad_core, and touches no
 GPU at import time."""
 
-from .ops import block_sparse_attention, linear_attention, select_topk_blocks, sliding_window_blocks
+from .ops import (
+    block_sparse_attention,
+    linear_attention,
+    salad_attention,
+    select_topk_blocks,
+    sliding_window_blocks,
+)
 from .selection import BlockSelection, num_blocks
 
 __all__ = [
@@ -9,6 +15,7 @@ __all__ = [
     "block_sparse_attention",
     "linear_attention",
     "num_blocks",
+    "salad_attention",
     "select_topk_blocks",
     "sliding_window_blocks",
 ]

@@ -9,7 +9,8 @@ from __future__ import annotations
 
 import torch
 
-from .block_select.naive import sliding_window_blocks_naive, spatial_temporal_token_order
+from .block_select.naive import spatial_temporal_token_order
+from .layout import into_layout, out_like
 from .linear_attn.naive import DEFAULT_EPS
 from .registry import implementation
 from .selection import BlockSelection, num_blocks
@@ -50,11 +51,13 @@ def sliding_window_blocks(
     windows: torch.Tensor,
     temporal_heads: torch.Tensor,
     device,
+    backend: str = "auto",
 ) -> BlockSelection:
     """ST-SWA selection (paper A.1.1): static for a given grid, so callers cache it."""
     seq_len = grid[0] * grid[1] * grid[2]
     order = spatial_temporal_token_order(grid, temporal_heads, device)
-    return sliding_window_blocks_naive(batch, seq_len, block_size, windows, order, device)
+    impl = implementation("sliding_window_blocks", backend, torch.device(device))
+    return impl(batch, seq_len, block_size, windows, order, device)
 
 
 @torch.library.custom_op("salad::block_sparse_attention", mutates_args=())
@@ -72,14 +75,14 @@ def _block_sparse_attention_op(
     selection = BlockSelection(kv_indices, kv_counts, block_size, q.shape[2], token_order)
     impl = implementation("block_sparse_attention", backend, q.device)
     out, lse = impl(q, k, v, selection, scale)
-    return out.contiguous(), lse.contiguous()
+    return into_layout(out, q), lse.contiguous()
 
 
 @_block_sparse_attention_op.register_fake
 def _(q, k, v, kv_indices, kv_counts, token_order, block_size, scale, backend):
     b, h, n, _ = q.shape
     return (
-        q.new_empty((b, h, n, v.shape[-1])),
+        out_like(q, v.shape[-1]),
         q.new_empty((b, h, n), dtype=torch.float32),
     )
 
@@ -94,7 +97,8 @@ def block_sparse_attention(
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Softmax attention restricted to the selected key blocks (paper eq. 2).
 
-    Returns (out [B, H, N, D] in q's dtype, log-sum-exp fp32 [B, H, N])."""
+    Returns (out [B, H, N, D] in q's dtype, log-sum-exp fp32 [B, H, N]). When q is a [B, H, N, D]
+    view of a [B, N, H, D] tensor, out is laid out the same way (kernels.layout.out_like)."""
     scale = q.shape[-1] ** -0.5 if scale is None else float(scale)
     return _block_sparse_attention_op(
         q, k, v, selection.kv_indices, selection.kv_counts, selection.token_order,
@@ -107,12 +111,12 @@ def _linear_attention_op(
     q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, eps: float, backend: str
 ) -> torch.Tensor:
     impl = implementation("linear_attention", backend, q.device)
-    return impl(q, k, v, eps).contiguous()
+    return into_layout(impl(q, k, v, eps), q)
 
 
 @_linear_attention_op.register_fake
 def _(q, k, v, eps, backend):
-    return q.new_empty((*q.shape[:3], v.shape[-1]))
+    return out_like(q, v.shape[-1])
 
 
 def linear_attention(
@@ -124,3 +128,52 @@ def linear_attention(
 ) -> torch.Tensor:
     """ReLU linear attention (paper eq. 3), fp32 state, output in q's dtype."""
     return _linear_attention_op(q, k, v, eps, backend)
+
+
+@torch.library.custom_op("salad::salad_attention", mutates_args=())
+def _salad_attention_op(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    kv_indices: torch.Tensor,
+    kv_counts: torch.Tensor,
+    token_order: torch.Tensor | None,
+    block_size: int,
+    scale: float,
+    eps: float,
+    backend: str,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    selection = BlockSelection(kv_indices, kv_counts, block_size, q.shape[2], token_order)
+    impl = implementation("salad_attention", backend, q.device)
+    out, lse, out_l = impl(q, k, v, selection, scale, eps)
+    return into_layout(out, q), lse.contiguous(), into_layout(out_l, q)
+
+
+@_salad_attention_op.register_fake
+def _(q, k, v, kv_indices, kv_counts, token_order, block_size, scale, eps, backend):
+    b, h, n, _ = q.shape
+    return (
+        out_like(q, v.shape[-1]),
+        q.new_empty((b, h, n), dtype=torch.float32),
+        out_like(q, v.shape[-1]),
+    )
+
+
+def salad_attention(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    selection: BlockSelection,
+    scale: float | None = None,
+    eps: float = DEFAULT_EPS,
+    backend: str = "auto",
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Both SALAD branches on the same q, k, v: (sparse out, sparse LSE, linear out).
+
+    Equal to ``block_sparse_attention(...)`` and ``linear_attention(...)``; the Triton backend
+    applies the linear state in the sparse kernel's epilogue, reading q once."""
+    scale = q.shape[-1] ** -0.5 if scale is None else float(scale)
+    return _salad_attention_op(
+        q, k, v, selection.kv_indices, selection.kv_counts, selection.token_order,
+        selection.block_size, scale, float(eps), backend,
+    )

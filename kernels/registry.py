@@ -23,13 +23,27 @@ BACKEND_CHOICES = ("auto", "triton", "flex", "torch")
 # fall through to the next in PREFERENCE.
 IMPLEMENTATIONS: dict[str, dict[str, str]] = {
     "select_topk_blocks": {
+        "triton": "block_select.triton:select_topk_blocks_triton",
         "torch": "block_select.naive:select_topk_blocks_naive",
     },
+    "sliding_window_blocks": {
+        "triton": "block_select.triton:sliding_window_blocks_triton",
+        "torch": "block_select.naive:sliding_window_blocks_naive",
+    },
     "block_sparse_attention": {
+        "triton": "block_sparse_attn.triton:block_sparse_attention_triton",
+        "flex": "block_sparse_attn.flex:block_sparse_attention_flex",
         "torch": "block_sparse_attn.naive:block_sparse_attention_torch",
     },
     "linear_attention": {
+        "triton": "linear_attn.triton:linear_attention_triton",
         "torch": "linear_attn.naive:linear_attention_torch",
+    },
+    # Sparse + linear branch in one pass over q (Triton); the two ops back to back elsewhere.
+    "salad_attention": {
+        "triton": "block_sparse_attn.triton:salad_attention_triton",
+        "flex": "block_sparse_attn.fused:salad_attention_flex",
+        "torch": "block_sparse_attn.fused:salad_attention_torch",
     },
 }
 PREFERENCE = ("triton", "flex", "torch")
@@ -67,20 +81,26 @@ def _warn_once(message: str) -> None:
 def resolve_backend(op: str, requested: str, device: torch.device) -> str:
     """The backend that will run ``op`` on ``device`` for the user's ``requested`` choice.
 
-    A forced backend that cannot run here falls to the next one in PREFERENCE, with a warning.
+    ``auto`` can be overridden for the whole process with the environment variable
+    SALAD_KERNEL_BACKEND (triton | flex | torch). A forced backend that cannot run here falls to
+    the next one in PREFERENCE, with a one-line warning; an op with no implementation for the
+    forced backend (e.g. linear_attention under "flex") quietly uses the next one.
     """
     if requested not in BACKEND_CHOICES:
         raise ValueError(f"Expected backend in {BACKEND_CHOICES}, got {requested!r}. Try 'auto'.")
+    if requested == "auto":
+        override = os.environ.get("SALAD_KERNEL_BACKEND", "auto")
+        requested = override if override in BACKEND_CHOICES else "auto"
     available = IMPLEMENTATIONS[op]
     order = PREFERENCE if requested == "auto" else PREFERENCE[PREFERENCE.index(requested):]
     chosen = next(
         (b for b in order if b in available and backend_usable(b, device)), "torch"
     )
-    if requested not in ("auto", chosen):
-        if requested == "triton" and not triton_available():
-            _warn_once("SALAD: Triton is not installed; using the torch backend (pip install triton).")
-        else:
-            _warn_once(f"SALAD: backend {requested!r} cannot run {op} on {device.type}; using {chosen!r}.")
+    wanted_triton = requested in ("auto", "triton") and "triton" in available
+    if wanted_triton and device.type == "cuda" and not triton_available():
+        _warn_once("SALAD: Triton is not installed; using slower kernels (pip install triton).")
+    elif requested not in ("auto", chosen) and requested in available:
+        _warn_once(f"SALAD: backend {requested!r} cannot run {op} on {device.type}; using {chosen!r}.")
     return chosen
 
 
@@ -92,4 +112,11 @@ def load_implementation(op: str, backend: str):
 
 
 def implementation(op: str, requested: str, device: torch.device):
-    return load_implementation(op, resolve_backend(op, requested, device))
+    backend = resolve_backend(op, requested, device)
+    try:
+        return load_implementation(op, backend)
+    except Exception as exc:  # a broken Triton/Inductor install must not take the node down
+        if backend == "torch":
+            raise
+        _warn_once(f"SALAD: the {backend} backend failed to load ({type(exc).__name__}: {exc}); using torch.")
+        return load_implementation(op, "torch")

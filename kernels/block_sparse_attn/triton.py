@@ -20,6 +20,7 @@ import torch
 import triton
 import triton.language as tl
 
+from ..layout import out_like
 from ..selection import BlockSelection
 from .naive import from_working_order, to_working_order
 
@@ -125,17 +126,6 @@ def _bsa_fwd_kernel(
                  cast_out(ol, OL.dtype.element_ty, DOT_F32), mask=m_ok[:, None])
 
 
-def out_like(q: torch.Tensor, dv: int, dtype=None) -> torch.Tensor:
-    """[B, H, N, dv] output. When q is a [B, H, N, D] view of a [B, N, H, D] tensor (Wan's
-    layout), the output has that layout too, so ``out.transpose(1, 2).reshape(B, N, H*dv)`` is
-    free."""
-    b, h, n, _ = q.shape
-    dtype = q.dtype if dtype is None else dtype
-    if h > 1 and n > 1 and q.stride(1) < q.stride(2):
-        return torch.empty(b, n, h, dv, dtype=dtype, device=q.device).transpose(1, 2)
-    return torch.empty(b, h, n, dv, dtype=dtype, device=q.device)
-
-
 def _rowmajor(x: torch.Tensor) -> torch.Tensor:
     return x if x.stride(-1) == 1 else x.contiguous()
 
@@ -223,4 +213,4 @@ def salad_attention_triton(
     return out, lse, out_l
 
 
-__all__ = ["block_sparse_attention_triton", "salad_attention_triton", "out_like"]
+__all__ = ["block_sparse_attention_triton", "salad_attention_triton"]

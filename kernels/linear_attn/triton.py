@@ -14,7 +14,8 @@ import torch
 import triton
 import triton.language as tl
 
-from ..block_sparse_attn.triton import cast_out, interpreting, out_like
+from ..block_sparse_attn.triton import cast_out, interpreting
+from ..layout import out_like
 from .naive import DEFAULT_EPS
 
 STATE_ROWS_PER_PROGRAM = 2048

@@ -1,0 +1,36 @@
+"""Sparse + linear branch together (the ``salad::salad_attention`` op) for backends with no
+fused kernel: the two ops back to back. The Triton version lives in triton.py."""
+
+from __future__ import annotations
+
+import torch
+
+from ..linear_attn.naive import DEFAULT_EPS, linear_attention_torch
+from ..selection import BlockSelection
+from .naive import block_sparse_attention_torch
+
+
+def salad_attention_torch(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    selection: BlockSelection,
+    scale: float | None = None,
+    eps: float = DEFAULT_EPS,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    out, lse = block_sparse_attention_torch(q, k, v, selection, scale)
+    return out, lse, linear_attention_torch(q, k, v, eps)
+
+
+def salad_attention_flex(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    selection: BlockSelection,
+    scale: float | None = None,
+    eps: float = DEFAULT_EPS,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    from .flex import block_sparse_attention_flex
+
+    out, lse = block_sparse_attention_flex(q, k, v, selection, scale)
+    return out, lse, linear_attention_torch(q, k, v, eps)
