@@ -21,6 +21,8 @@ from .naive import window_radius_blocks
 
 INT32_MAX = 2147483647
 INT32_MIN = -2147483648
+# Tests set this: outputs start as -1 so an unwritten index can't pass.
+POISON_OUTPUTS = False
 
 
 @triton.jit
@@ -120,6 +122,9 @@ def select_topk_blocks_triton(
     bq = max(1, min(16, 16384 // nbp))
     idx = torch.empty(b, h, nb, k_eff, device=q.device, dtype=torch.int32)
     cnt = torch.empty(b, h, nb, device=q.device, dtype=torch.int32)
+    if POISON_OUTPUTS:
+        idx.fill_(-1)
+        cnt.fill_(-1)
     _topk_kernel[(triton.cdiv(nb, bq), b * h)](
         qp, kpt, idx, cnt, nb, k_eff, BQ=bq, NBP=nbp, D=d, num_warps=8 if nbp >= 1024 else 4,
     )
@@ -161,6 +166,9 @@ def sliding_window_blocks_triton(
     radius = torch.tensor(radii, dtype=torch.int32, device=device)
     idx = torch.empty(batch, h, nb, max_kv, dtype=torch.int32, device=device)
     cnt = torch.empty(batch, h, nb, dtype=torch.int32, device=device)
+    if POISON_OUTPUTS:
+        idx.fill_(-1)
+        cnt.fill_(-1)
     bq = 16
     kp = triton.next_power_of_2(max_kv)
     _window_kernel[(triton.cdiv(nb, bq), batch * h)](idx, cnt, radius, h, nb, max_kv, BQ=bq, KP=kp)

@@ -21,6 +21,10 @@ from .naive import DEFAULT_EPS
 STATE_ROWS_PER_PROGRAM = 2048
 
 
+# Tests set this: outputs start as NaN so an unwritten element can't pass.
+POISON_OUTPUTS = False
+
+
 @triton.jit
 def _state_kernel(
     K, V, S, Z,
@@ -107,6 +111,8 @@ def linear_apply_triton(q, state, z, eps=DEFAULT_EPS, out_scale: torch.Tensor | 
     dv = state.shape[-1]
     q = _rowmajor(q)
     out = out_like(q, dv)
+    if POISON_OUTPUTS:
+        out.fill_(float("nan"))
     bm = 64
     _apply_kernel[(triton.cdiv(n, bm), b * h)](
         q, state, z, out, out_scale if out_scale is not None else z,

@@ -1,0 +1,275 @@
+"""Triton (and FlexAttention) kernels against the torch references in kernels/*/naive.py.
+
+CPU: runs under the Triton interpreter (CI exports TRITON_INTERPRET=1) at tiny shapes.
+GPU (``@pytest.mark.gpu``): the full matrix of odd shapes, both dtypes, flex, torch.compile.
+Error rule: ||kernel - fp64 ref|| <= 2 x ||torch backend (same precision) - fp64 ref|| (+ a tiny
+absolute floor), outputs NaN-poisoned before each launch, fresh random inputs for every case.
+"""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+import torch
+
+import kernels
+from kernels.block_select.naive import (
+    select_topk_blocks_naive,
+    sliding_window_blocks_naive,
+    spatial_temporal_token_order,
+)
+from kernels.block_sparse_attn.naive import block_sparse_attention_naive, block_sparse_attention_torch
+from kernels.linear_attn.naive import linear_attention_naive, linear_attention_torch
+from kernels.selection import num_blocks
+
+INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
+HAS_CUDA = torch.cuda.is_available()
+try:
+    import triton  # noqa: F401
+
+    HAS_TRITON = True
+except ImportError:  # pragma: no cover
+    HAS_TRITON = False
+
+cpu_only = pytest.mark.skipif(
+    not (HAS_TRITON and INTERPRET), reason="CPU kernel tests need Triton with TRITON_INTERPRET=1"
+)
+
+
+def gpu_only(fn):
+    fn = pytest.mark.skipif(
+        not (HAS_CUDA and HAS_TRITON and not INTERPRET), reason="needs CUDA + Triton (no interpreter)"
+    )(fn)
+    return pytest.mark.gpu(fn)
+
+
+@pytest.fixture(autouse=True)
+def _poison(monkeypatch):
+    """Every Triton launch starts from NaN / -1 outputs."""
+    if not HAS_TRITON:
+        return
+    from kernels.block_select import triton as sel_t
+    from kernels.block_sparse_attn import triton as bsa_t
+    from kernels.linear_attn import triton as lin_t
+
+    for mod in (sel_t, bsa_t, lin_t):
+        monkeypatch.setattr(mod, "POISON_OUTPUTS", True)
+
+
+def rel(a: torch.Tensor, ref: torch.Tensor) -> float:
+    a, ref = a.double(), ref.double()
+    return float((a - ref).norm() / ref.norm().clamp_min(1e-30))
+
+
+def wan_qkv(b, h, n, d, dtype, device, seed):
+    """q, k, v as [B, H, N, D] views of [B, N, H, D] tensors (Wan's layout), fresh each call."""
+    g = torch.Generator(device="cpu").manual_seed(seed)
+    return [
+        torch.randn(b, n, h, d, generator=g, dtype=torch.float32).to(device=device, dtype=dtype).transpose(1, 2)
+        for _ in range(3)
+    ]
+
+
+def check_topk(q, k, bs, topk):
+    from kernels.block_select.triton import select_topk_blocks_triton
+
+    sel = select_topk_blocks_triton(q, k, bs, topk)
+    ref = select_topk_blocks_naive(q, k, bs, topk)
+    assert sel.kv_indices.shape == ref.kv_indices.shape
+    assert torch.equal(sel.kv_counts, ref.kv_counts)
+    assert int(sel.kv_indices.min()) >= 0
+    idx = sel.kv_indices.long()
+    assert bool((idx[..., 1:] > idx[..., :-1]).all()), "ids must be ascending and unique"
+    if not torch.equal(sel.kv_indices, ref.kv_indices):
+        # Near-ties may legitimately differ: the chosen set's scores must match the reference's.
+        from kernels.block_select.naive import mean_pool_blocks
+
+        scores = mean_pool_blocks(q, bs).double() @ mean_pool_blocks(k, bs).double().transpose(-1, -2)
+        nb = scores.shape[-1]
+        scores = scores + torch.eye(nb, device=scores.device, dtype=scores.dtype) * 1e30
+        got = scores.gather(-1, idx).sort(-1).values
+        want = scores.gather(-1, ref.kv_indices.long()).sort(-1).values
+        torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-4)
+    return sel
+
+
+def check_attention(q, k, v, sel, backend="triton"):
+    out, lse = kernels.block_sparse_attention(q, k, v, sel, backend=backend)
+    assert not out.isnan().any() and not lse.isnan().any()
+    ref_out, ref_lse = block_sparse_attention_naive(q.double(), k.double(), v.double(), sel)
+    base_out, base_lse = block_sparse_attention_torch(q, k, v, sel)
+    assert rel(out, ref_out) <= 2 * rel(base_out, ref_out) + 1e-6, (rel(out, ref_out), rel(base_out, ref_out))
+    assert rel(lse, ref_lse) <= 2 * rel(base_lse, ref_lse) + 1e-5, (rel(lse, ref_lse), rel(base_lse, ref_lse))
+    assert out.dtype == q.dtype and lse.dtype == torch.float32
+    return out, lse
+
+
+def check_linear(q, k, v, backend="triton"):
+    out = kernels.linear_attention(q, k, v, backend=backend)
+    assert not out.isnan().any()
+    ref = linear_attention_naive(q.double(), k.double(), v.double())
+    base = linear_attention_torch(q, k, v)
+    assert rel(out, ref) <= 2 * rel(base, ref) + 1e-6, (rel(out, ref), rel(base, ref))
+    return out
+
+
+def stswa(b, h, grid, bs, device, windows):
+    temporal = torch.arange(h) % 2 == 1
+    sel = kernels.sliding_window_blocks(b, grid, bs, torch.tensor(windows), temporal, device, backend="triton")
+    n = grid[0] * grid[1] * grid[2]
+    order = spatial_temporal_token_order(grid, temporal, device)
+    ref = sliding_window_blocks_naive(b, n, bs, torch.tensor(windows), order, device)
+    assert torch.equal(sel.kv_counts, ref.kv_counts)
+    assert torch.equal(sel.kv_indices, ref.kv_indices)
+    return sel
+
+
+# --------------------------------------------------------------------------- CPU (interpreter)
+
+CPU_CASES = [
+    # (B, H, N, D, block, topk, dtype)
+    (2, 3, 200, 64, 32, 3, torch.bfloat16),
+    (2, 2, 150, 128, 16, 1, torch.float16),
+    (2, 2, 131, 64, 32, 99, torch.bfloat16),  # k = all blocks
+    (1, 12, 70, 64, 16, 2, torch.float16),
+]
+
+
+@cpu_only
+@pytest.mark.parametrize("case", CPU_CASES, ids=lambda c: f"B{c[0]}H{c[1]}N{c[2]}D{c[3]}bs{c[4]}k{c[5]}{str(c[6])[-4:]}")
+def test_topk_attention_linear_cpu(case):
+    b, h, n, d, bs, topk, dtype = case
+    q, k, v = wan_qkv(b, h, n, d, dtype, "cpu", seed=b * 1000 + h * 100 + n + d + topk)
+    sel = check_topk(q, k, bs, topk)
+    out, _ = check_attention(q, k, v, sel)
+    assert out.stride() == q.stride()  # Wan layout kept: no copy on the way out
+    check_linear(q, k, v)
+
+
+@cpu_only
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_stswa_token_order_cpu(dtype):
+    grid, bs, b, h = (4, 3, 7), 16, 2, 2  # N = 84: partial last block
+    q, k, v = wan_qkv(b, h, 84, 64, dtype, "cpu", seed=7)
+    sel = stswa(b, h, grid, bs, "cpu", [16, 20])
+    check_attention(q, k, v, sel)
+
+
+@cpu_only
+def test_fused_salad_attention_cpu():
+    grid, bs, b, h = (3, 4, 10), 16, 2, 2
+    q, k, v = wan_qkv(b, h, 120, 64, torch.bfloat16, "cpu", seed=11)
+    sel = stswa(b, h, grid, bs, "cpu", [16, 40])
+    out, lse, out_l = kernels.salad_attention(q, k, v, sel, backend="triton")
+    ref_o, ref_l = block_sparse_attention_naive(q.double(), k.double(), v.double(), sel)
+    base_o, _ = block_sparse_attention_torch(q, k, v, sel)
+    assert rel(out, ref_o) <= 2 * rel(base_o, ref_o)
+    ref_lin = linear_attention_naive(q.double(), k.double(), v.double())
+    assert rel(out_l, ref_lin) <= 2 * rel(linear_attention_torch(q, k, v), ref_lin) + 1e-6
+    assert not out_l.isnan().any()
+
+
+def test_registry_fallbacks(monkeypatch, caplog):
+    """No Triton: one warning, torch path; a backend that fails to load falls back to torch."""
+    from kernels import registry
+
+    monkeypatch.setattr(registry, "triton_available", lambda: False)
+    registry._warn_once.cache_clear()
+    cuda = torch.device("cuda")
+    with caplog.at_level("WARNING", logger="salad"):
+        assert registry.resolve_backend("linear_attention", "auto", cuda) == "torch"
+        assert registry.resolve_backend("block_sparse_attention", "triton", cuda) in ("flex", "torch")
+        assert registry.resolve_backend("select_topk_blocks", "auto", cuda) == "torch"
+    assert sum("Triton is not installed" in r.message for r in caplog.records) == 1
+    assert registry.resolve_backend("linear_attention", "auto", torch.device("cpu")) in ("torch", "triton")
+    monkeypatch.setenv("SALAD_KERNEL_BACKEND", "torch")
+    assert registry.resolve_backend("block_sparse_attention", "auto", cuda) == "torch"
+    monkeypatch.delenv("SALAD_KERNEL_BACKEND")
+
+    def broken(op, backend):
+        if backend != "torch":
+            raise ImportError("no triton")
+        return "torch-impl"
+
+    monkeypatch.setattr(registry, "load_implementation", broken)
+    monkeypatch.setattr(registry, "resolve_backend", lambda op, req, dev: "triton")
+    assert registry.implementation("linear_attention", "auto", cuda) == "torch-impl"
+    registry._warn_once.cache_clear()
+
+
+def test_fake_impls_match_layout():
+    """register_fake output strides equal the real ones (torch.compile relies on them)."""
+    from torch._subclasses.fake_tensor import FakeTensorMode
+
+    q, k, v = wan_qkv(1, 2, 40, 16, torch.float32, "cpu", seed=3)
+    sel = kernels.select_topk_blocks(q, k, 16, 2, backend="torch")
+    real_o, real_l = kernels.block_sparse_attention(q, k, v, sel, backend="torch")
+    real_lin = kernels.linear_attention(q, k, v, backend="torch")
+    with FakeTensorMode(allow_non_fake_inputs=True) as mode:
+        fq, fk, fv = (mode.from_tensor(t) for t in (q, k, v))
+        fsel = kernels.BlockSelection(mode.from_tensor(sel.kv_indices), mode.from_tensor(sel.kv_counts), 16, 40)
+        fo, fl = kernels.block_sparse_attention(fq, fk, fv, fsel, backend="torch")
+        flin = kernels.linear_attention(fq, fk, fv, backend="torch")
+    assert fo.stride() == real_o.stride() and fl.stride() == real_l.stride()
+    assert flin.stride() == real_lin.stride()
+
+
+# --------------------------------------------------------------------------- GPU
+
+GPU_SHAPES = [(2, 12, 1000, 128), (2, 40, 777, 64), (2, 12, 1000, 64), (1, 40, 1100, 128)]
+
+
+@gpu_only
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=["bf16", "fp16"])
+@pytest.mark.parametrize("shape", GPU_SHAPES, ids=lambda s: "B{}H{}N{}D{}".format(*s))
+@pytest.mark.parametrize("topk", [1, 4, 10_000], ids=["k1", "k4", "kall"])
+def test_topk_gpu(shape, dtype, topk):
+    b, h, n, d = shape
+    q, k, v = wan_qkv(b, h, n, d, dtype, "cuda", seed=n + h + d + topk)
+    sel = check_topk(q, k, 64, topk)
+    check_attention(q, k, v, sel)
+    check_linear(q, k, v)
+    if topk == 4:
+        check_attention(q, k, v, sel, backend="flex")
+
+
+@gpu_only
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=["bf16", "fp16"])
+@pytest.mark.parametrize("heads,d", [(12, 128), (40, 64)])
+def test_stswa_gpu(heads, d, dtype):
+    grid = (5, 12, 20)  # N = 1200, 18.75 blocks of 64
+    b = 2
+    q, k, v = wan_qkv(b, heads, 1200, d, dtype, "cuda", seed=heads + d)
+    windows = [64 * (1 + (i % 4)) for i in range(heads)]
+    sel = stswa(b, heads, grid, 64, "cuda", windows)
+    check_attention(q, k, v, sel)
+    check_attention(q, k, v, sel, backend="flex")
+    from kernels.block_sparse_attn import triton as bsa_t
+
+    old = bsa_t.ORDER_MODE
+    bsa_t.ORDER_MODE = "permute"
+    try:
+        check_attention(q, k, v, sel)
+    finally:
+        bsa_t.ORDER_MODE = old
+    out, lse, out_l = kernels.salad_attention(q, k, v, sel, backend="triton")
+    ref_lin = linear_attention_naive(q.double(), k.double(), v.double())
+    assert rel(out_l, ref_lin) <= 2 * rel(linear_attention_torch(q, k, v), ref_lin) + 1e-6
+    out2, _ = kernels.block_sparse_attention(q, k, v, sel, backend="triton")
+    assert torch.equal(out, out2)
+
+
+@gpu_only
+def test_torch_compile_gpu():
+    q, k, v = wan_qkv(1, 12, 700, 128, torch.bfloat16, "cuda", seed=5)
+
+    def f(q, k, v):
+        sel = kernels.select_topk_blocks(q, k, 64, 3)
+        out, _ = kernels.block_sparse_attention(q, k, v, sel)
+        lin = kernels.linear_attention(q, k, v)
+        return (out + lin).transpose(1, 2).reshape(1, 700, -1)
+
+    eager = f(q, k, v)
+    compiled = torch.compile(f, fullgraph=True)(q, k, v)
+    torch.testing.assert_close(compiled, eager)
