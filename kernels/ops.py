@@ -141,16 +141,17 @@ def _salad_attention_op(
     block_size: int,
     scale: float,
     eps: float,
+    linear_scale: torch.Tensor | None,
     backend: str,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     selection = BlockSelection(kv_indices, kv_counts, block_size, q.shape[2], token_order)
     impl = implementation("salad_attention", backend, q.device)
-    out, lse, out_l = impl(q, k, v, selection, scale, eps)
+    out, lse, out_l = impl(q, k, v, selection, scale, eps, linear_scale)
     return into_layout(out, q), lse.contiguous(), into_layout(out_l, q)
 
 
 @_salad_attention_op.register_fake
-def _(q, k, v, kv_indices, kv_counts, token_order, block_size, scale, eps, backend):
+def _(q, k, v, kv_indices, kv_counts, token_order, block_size, scale, eps, linear_scale, backend):
     b, h, n, _ = q.shape
     return (
         out_like(q, v.shape[-1]),
@@ -166,14 +167,16 @@ def salad_attention(
     selection: BlockSelection,
     scale: float | None = None,
     eps: float = DEFAULT_EPS,
+    linear_scale: torch.Tensor | None = None,
     backend: str = "auto",
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Both SALAD branches on the same q, k, v: (sparse out, sparse LSE, linear out).
 
-    Equal to ``block_sparse_attention(...)`` and ``linear_attention(...)``; the Triton backend
-    applies the linear state in the sparse kernel's epilogue, reading q once."""
+    Equal to ``block_sparse_attention(...)`` and ``linear_attention(...) * linear_scale``; the
+    Triton backend applies the linear state in the sparse kernel's epilogue, reading q once.
+    linear_scale: optional fp32 [B] (e.g. lambda * s_l * gate) folded into the linear output."""
     scale = q.shape[-1] ** -0.5 if scale is None else float(scale)
     return _salad_attention_op(
         q, k, v, selection.kv_indices, selection.kv_counts, selection.token_order,
-        selection.block_size, scale, float(eps), backend,
+        selection.block_size, scale, float(eps), linear_scale, backend,
     )

@@ -273,3 +273,13 @@ def test_torch_compile_gpu():
     eager = f(q, k, v)
     compiled = torch.compile(f, fullgraph=True)(q, k, v)
     torch.testing.assert_close(compiled, eager)
+
+
+@cpu_only
+def test_fused_linear_scale_cpu():
+    q, k, v = wan_qkv(2, 2, 70, 32, torch.float16, "cpu", seed=13)
+    sel = kernels.select_topk_blocks(q, k, 16, 2, backend="triton")
+    scale = torch.tensor([0.25, 1.5])
+    _, _, out_l = kernels.salad_attention(q, k, v, sel, linear_scale=scale, backend="triton")
+    _, _, ref_l = kernels.salad_attention(q, k, v, sel, linear_scale=scale, backend="torch")
+    torch.testing.assert_close(out_l, ref_l, rtol=2e-3, atol=2e-3)

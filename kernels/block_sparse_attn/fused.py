@@ -17,9 +17,16 @@ def salad_attention_torch(
     selection: BlockSelection,
     scale: float | None = None,
     eps: float = DEFAULT_EPS,
+    linear_scale: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     out, lse = block_sparse_attention_torch(q, k, v, selection, scale)
-    return out, lse, linear_attention_torch(q, k, v, eps)
+    return out, lse, _scaled(linear_attention_torch(q, k, v, eps), linear_scale)
+
+
+def _scaled(x: torch.Tensor, linear_scale: torch.Tensor | None) -> torch.Tensor:
+    if linear_scale is None:
+        return x
+    return (x.float() * linear_scale.float().view(-1, 1, 1, 1)).to(x.dtype)
 
 
 def salad_attention_flex(
@@ -29,8 +36,9 @@ def salad_attention_flex(
     selection: BlockSelection,
     scale: float | None = None,
     eps: float = DEFAULT_EPS,
+    linear_scale: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     from .flex import block_sparse_attention_flex
 
     out, lse = block_sparse_attention_flex(q, k, v, selection, scale)
-    return out, lse, linear_attention_torch(q, k, v, eps)
+    return out, lse, _scaled(linear_attention_torch(q, k, v, eps), linear_scale)

@@ -31,6 +31,10 @@ def interpreting() -> bool:
     return os.environ.get("TRITON_INTERPRET") == "1"
 
 
+# Launch settings per block size (the benchmark sweeps them).
+NUM_WARPS = {16: 4, 32: 4, 64: 4, 128: 8}
+NUM_STAGES = 3
+
 # Tests set this: outputs start as NaN so an unwritten element can't pass.
 POISON_OUTPUTS = False
 
@@ -53,13 +57,14 @@ ORDER_MODE = "gather"
 
 @triton.jit
 def _bsa_fwd_kernel(
-    Q, K, V, O, LSE, KVI, KVC, ORDER, S, Z, OL,
+    Q, K, V, O, LSE, KVI, KVC, ORDER, S, Z, OL, LSCALE,
     sqb, sqh, sqn, skb, skh, skn, svb, svh, svn, sob, soh, son,
     slb, slh, s_ib, s_ih, s_im, s_cb, s_ch, s_oh,
     solb, solh, soln,
     H, N, qk_scale, eps,
     BS: tl.constexpr, D: tl.constexpr, DV: tl.constexpr,
-    HAS_ORDER: tl.constexpr, HAS_LINEAR: tl.constexpr, DOT_F32: tl.constexpr,
+    HAS_ORDER: tl.constexpr, HAS_LINEAR: tl.constexpr, HAS_LSCALE: tl.constexpr,
+    DOT_F32: tl.constexpr,
 ):
     pid_m = tl.program_id(0)
     bh = tl.program_id(1)
@@ -126,6 +131,8 @@ def _bsa_fwd_kernel(
         num = tl.dot(fq, state, input_precision="tf32x3")
         den = tl.sum(fq * z[None, :], 1) + eps
         ol = num / den[:, None]
+        if HAS_LSCALE:
+            ol = ol * tl.load(LSCALE + b).to(tl.float32)
         tl.store(OL + b * solb + h * solh + rows_m[:, None] * soln + offs_dv[None, :],
                  cast_out(ol, OL.dtype.element_ty, DOT_F32), mask=m_ok[:, None])
 
@@ -134,7 +141,8 @@ def _rowmajor(x: torch.Tensor) -> torch.Tensor:
     return x if x.stride(-1) == 1 else x.contiguous()
 
 
-def _launch(q, k, v, selection: BlockSelection, scale, order, state=None, z=None, eps=0.0):
+def _launch(q, k, v, selection: BlockSelection, scale, order, state=None, z=None, eps=0.0,
+            linear_scale=None):
     b, h, n, d = q.shape
     dv = v.shape[-1]
     bs = selection.block_size
@@ -162,14 +170,16 @@ def _launch(q, k, v, selection: BlockSelection, scale, order, state=None, z=None
         state if has_linear else dummy,
         z if has_linear else dummy,
         out_l,
+        linear_scale if linear_scale is not None else dummy,
         q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), k.stride(2),
         v.stride(0), v.stride(1), v.stride(2), out.stride(0), out.stride(1), out.stride(2),
         lse.stride(0), lse.stride(1), kvi.stride(0), kvi.stride(1), kvi.stride(2),
         kvc.stride(0), kvc.stride(1), order.stride(0) if has_order else 0,
         out_l.stride(0), out_l.stride(1), out_l.stride(2),
         h, n, float(scale) * LOG2E, float(eps),
-        BS=bs, D=d, DV=dv, HAS_ORDER=has_order, HAS_LINEAR=has_linear, DOT_F32=interpreting(),
-        num_warps=8 if bs >= 128 else 4, num_stages=3,
+        BS=bs, D=d, DV=dv, HAS_ORDER=has_order, HAS_LINEAR=has_linear,
+        HAS_LSCALE=linear_scale is not None, DOT_F32=interpreting(),
+        num_warps=NUM_WARPS.get(bs, 4), num_stages=NUM_STAGES,
     )
     return out, lse, (out_l if has_linear else None)
 
@@ -209,14 +219,21 @@ def salad_attention_triton(
     selection: BlockSelection,
     scale: float | None = None,
     eps: float = 1e-6,
+    linear_scale: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Sparse branch and linear branch in one pass over q: (out_sparse, lse, out_linear)."""
+    """Sparse branch and linear branch in one pass over q: (out_sparse, lse, out_linear).
+
+    linear_scale: optional fp32 [B] multiplying out_linear per sample (e.g. lambda*s_l*gate)."""
     from ..linear_attn.triton import linear_state_triton  # noqa: PLC0415 (circular)
 
     _check(q, k, v, selection)
     scale = q.shape[-1] ** -0.5 if scale is None else scale
     state, z = linear_state_triton(k, v)
-    out, lse, out_l = _launch(q, k, v, selection, scale, selection.token_order, state, z, eps)
+    if linear_scale is not None:
+        linear_scale = linear_scale.to(torch.float32).contiguous()
+    out, lse, out_l = _launch(
+        q, k, v, selection, scale, selection.token_order, state, z, eps, linear_scale
+    )
     return out, lse, out_l
 
 
