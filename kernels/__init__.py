@@ -9,6 +9,7 @@ from .ops import (
     sliding_window_blocks,
 )
 from .selection import BlockSelection, num_blocks
+from . import autograd as _autograd  # noqa: F401  (backward for training)
 
 __all__ = [
     "BlockSelection",

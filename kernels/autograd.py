@@ -1,0 +1,100 @@
+"""Autograd for the SALAD custom ops (training, issue 8).
+
+Backward recomputes the forward with a differentiable implementation and differentiates it:
+- ``salad::block_sparse_attention``: FlexAttention with the same block mask on CUDA (its own
+  fused backward), else the chunked torch reference ``block_sparse_attention_torch``.
+- ``salad::linear_attention``: the fp32 torch reference ``linear_attention_torch``.
+- ``salad::select_topk_blocks``: integer indices, no gradient.
+The forward stays on the fast (Triton) path; the recompute is local to one layer's backward,
+so nothing extra is kept alive between forward and backward beyond q, k, v and the selection.
+Gradient of the log-sum-exp output is included on the torch path and ignored on the flex path
+(SALAD never differentiates through it).
+"""
+
+from __future__ import annotations
+
+import os
+
+import torch
+
+from .block_sparse_attn.naive import block_sparse_attention_torch
+from .linear_attn.naive import linear_attention_torch
+from .registry import flex_available
+from .selection import BlockSelection
+
+# "auto" (flex on CUDA, torch elsewhere), "flex" or "torch".
+BACKWARD_ENV = "SALAD_BACKWARD_BACKEND"
+
+
+def _use_flex(device: torch.device) -> bool:
+    choice = os.environ.get(BACKWARD_ENV, "auto")
+    if choice == "torch":
+        return False
+    return device.type == "cuda" and flex_available()
+
+
+def _grads(outputs, inputs, grad_outputs):
+    pairs = [(o, g) for o, g in zip(outputs, grad_outputs) if g is not None and o.requires_grad]
+    if not pairs:
+        return [None] * len(inputs)
+    return torch.autograd.grad([o for o, _ in pairs], inputs, [g for _, g in pairs], allow_unused=True)
+
+
+# -- block-sparse attention -------------------------------------------------------------------
+def _bsa_setup(ctx, inputs, output):
+    q, k, v, kv_indices, kv_counts, token_order, block_size, scale, backend = inputs
+    ctx.save_for_backward(q, k, v, kv_indices, kv_counts, token_order)
+    ctx.block_size, ctx.scale = block_size, scale
+
+
+def _bsa_backward(ctx, grad_out, grad_lse):
+    q, k, v, kv_indices, kv_counts, token_order = ctx.saved_tensors
+    selection = BlockSelection(kv_indices, kv_counts, ctx.block_size, q.shape[2], token_order)
+    with torch.enable_grad():
+        qd, kd, vd = (t.detach().requires_grad_(True) for t in (q, k, v))
+        if _use_flex(q.device):
+            from .block_sparse_attn.flex import block_sparse_attention_flex
+
+            out, _ = block_sparse_attention_flex(qd, kd, vd, selection, ctx.scale)
+            outs, grads = (out,), (grad_out,)
+        else:
+            out, lse = block_sparse_attention_torch(qd, kd, vd, selection, ctx.scale)
+            outs, grads = (out, lse), (grad_out, grad_lse)
+        dq, dk, dv = _grads(outs, (qd, kd, vd), grads)
+    return dq, dk, dv, None, None, None, None, None, None
+
+
+# -- linear attention ---------------------------------------------------------------------------
+def _lin_setup(ctx, inputs, output):
+    q, k, v, eps, backend = inputs
+    ctx.save_for_backward(q, k, v)
+    ctx.eps = eps
+
+
+def _lin_backward(ctx, grad_out):
+    q, k, v = ctx.saved_tensors
+    with torch.enable_grad():
+        qd, kd, vd = (t.detach().requires_grad_(True) for t in (q, k, v))
+        out = linear_attention_torch(qd, kd, vd, ctx.eps)
+        dq, dk, dv = _grads((out,), (qd, kd, vd), (grad_out,))
+    return dq, dk, dv, None, None
+
+
+# -- selection ----------------------------------------------------------------------------------
+def _sel_setup(ctx, inputs, output):
+    pass
+
+
+def _sel_backward(ctx, grad_idx, grad_counts):
+    return None, None, None, None, None
+
+
+def register() -> None:
+    from . import ops  # noqa: F401  (defines the ops)
+
+    torch.library.register_autograd("salad::block_sparse_attention", _bsa_backward, setup_context=_bsa_setup)
+    torch.library.register_autograd("salad::linear_attention", _lin_backward, setup_context=_lin_setup)
+    torch.library.register_autograd("salad::select_topk_blocks", _sel_backward, setup_context=_sel_setup)
+
+
+register()
