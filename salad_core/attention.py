@@ -99,16 +99,22 @@ class SaladSelfAttention(nn.Module):
         self._apply_rope = apply_rope
         self._stock_forward = stock.forward
 
-    def forward(self, x, freqs, transformer_options={}):
-        call = self.runtime.call_info(transformer_options)
-        if call.dense:
-            return self._stock_forward(x, freqs, transformer_options=transformer_options)
+    def qkv(self, x, freqs):
+        """RoPE'd q, k and v as [B, H, N, D] views, computed as the stock forward does (also
+        used by salad_core.calibrate)."""
         b, n = x.shape[:2]
         h, d = self.num_heads, self.head_dim
         # Same order and dtypes as the stock forward (norm + RoPE in fp32 via apply_rope).
         q = self._apply_rope(self.norm_q(self.q(x)).view(b, n, h, d), freqs).transpose(1, 2)
         k = self._apply_rope(self.norm_k(self.k(x)).view(b, n, h, d), freqs).transpose(1, 2)
         v = self.v(x).view(b, n, h, d).transpose(1, 2)
+        return q, k, v
+
+    def forward(self, x, freqs, transformer_options={}):
+        call = self.runtime.call_info(transformer_options)
+        if call.dense:
+            return self._stock_forward(x, freqs, transformer_options=transformer_options)
+        q, k, v = self.qkv(x, freqs)
         with self.runtime.timed(self.layer):
             selection = self.runtime.selection(self.layer, q, k, call)
             branch = self.salad if self.runtime.linear_active(self.layer) else None
