@@ -230,7 +230,7 @@ def test_topk_gpu(shape, dtype, topk):
     sel = check_topk(q, k, 64, topk)
     check_attention(q, k, v, sel)
     check_linear(q, k, v)
-    if topk == 4:
+    if topk == 4 and shape == GPU_SHAPES[0] and dtype == torch.bfloat16:  # flex compiles per shape
         check_attention(q, k, v, sel, backend="flex")
 
 
@@ -244,7 +244,8 @@ def test_stswa_gpu(heads, d, dtype):
     windows = [64 * (1 + (i % 4)) for i in range(heads)]
     sel = stswa(b, heads, grid, 64, "cuda", windows)
     check_attention(q, k, v, sel)
-    check_attention(q, k, v, sel, backend="flex")
+    if heads == 12 and dtype == torch.bfloat16:
+        check_attention(q, k, v, sel, backend="flex")
     from kernels.block_sparse_attn import triton as bsa_t
 
     old = bsa_t.ORDER_MODE

@@ -42,13 +42,12 @@ def flex_call(qw, kw, vw, block_mask, scale, block_size):
     fn = _flex()
     try:
         from torch.nn.attention.flex_attention import AuxRequest
-
-        out, aux = fn(qw, kw, vw, block_mask=block_mask, scale=scale,
-                      return_aux=AuxRequest(lse=True), kernel_options=opts)
-        return out, aux.lse
     except ImportError:
         return fn(qw, kw, vw, block_mask=block_mask, scale=scale, return_lse=True,
                   kernel_options=opts)
+    out, aux = fn(qw, kw, vw, block_mask=block_mask, scale=scale,
+                  return_aux=AuxRequest(lse=True), kernel_options=opts)
+    return out, aux.lse
 
 
 def block_sparse_attention_flex(
