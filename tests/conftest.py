@@ -19,6 +19,10 @@ Fixtures (names are stable; the whole team writes tests against them):
                      load_models_gpu([patcher]) like the sampler, then apply_model under no_grad,
                      with transformer_options built the way comfy.samplers does it.
 
+  comfy_nodes        (session) ComfyUI's ``nodes`` module after loading this pack through ComfyUI's
+                     own custom-node loader (custom_nodes/salad, V1 mappings or V3 comfy_entrypoint);
+                     use ``comfy_nodes.NODE_CLASS_MAPPINGS[...]``. Fails if the pack does not load.
+
 Markers: ``gpu`` (auto-skipped without CUDA), ``browser`` (needs chromium + playwright).
 
 Without ComfyUI the ``comfy`` fixture fails with instructions to run .ci/setup_comfyui.sh;
@@ -282,3 +286,20 @@ def _run_wan(patcher, inputs, transformer_options=None):
 @pytest.fixture
 def run_wan(comfy):
     return _run_wan
+
+
+@pytest.fixture(scope="session")
+def comfy_nodes(comfy):
+    import asyncio
+
+    import nodes  # ComfyUI's nodes.py (ComfyUI root is ahead of the repo on sys.path)
+
+    assert Path(nodes.__file__).resolve().parent == Path(comfy).resolve(), f"wrong nodes module: {nodes.__file__}"
+    link = Path(comfy) / "custom_nodes" / "salad"
+    pack_dir = link if (link.exists() and link.resolve() == REPO_ROOT) else REPO_ROOT
+    if not (pack_dir / "__init__.py").is_file():
+        pytest.fail(f"{pack_dir}/__init__.py missing: the pack has no ComfyUI entry point", pytrace=False)
+    ok = asyncio.run(nodes.load_custom_node(str(pack_dir), module_parent="custom_nodes"))
+    if not ok:
+        pytest.fail(f"ComfyUI could not load the pack from {pack_dir} (see the log above)", pytrace=False)
+    return nodes
