@@ -80,3 +80,8 @@ __all__ = [
     "split_conditioning",
     "window_weights",
 ]
+
+from .pipeline import WHAT_CHOICES, CalibrationOutput, calibrate, progress_units  # noqa: E402
+from .report import make_plots, measured_sparsity  # noqa: E402
+
+__all__ += ["WHAT_CHOICES", "CalibrationOutput", "calibrate", "progress_units", "make_plots", "measured_sparsity"]
