@@ -19,8 +19,8 @@ import triton.language as tl
 from ..selection import BlockSelection, num_blocks
 from .naive import window_radius_blocks
 
-INT32_MAX = 2147483647
-INT32_MIN = -2147483648
+INT32_MAX = tl.constexpr(2147483647)
+INT32_MIN = tl.constexpr(-2147483648)
 # Tests set this: outputs start as -1 so an unwritten index can't pass.
 POISON_OUTPUTS = False
 
