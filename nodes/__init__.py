@@ -1,0 +1,10 @@
+"""The pack's ComfyUI nodes (V3 API), one module per node family. Imported relatively by the
+pack's top-level ``__init__.py`` (ComfyUI owns the top-level name ``nodes``)."""
+
+from .apply import SaladApply
+from .stats import SaladStats
+from .weights import SaladWeightsLoader
+
+NODE_LIST = [SaladApply, SaladWeightsLoader, SaladStats]
+
+__all__ = ["NODE_LIST", "SaladApply", "SaladStats", "SaladWeightsLoader"]
