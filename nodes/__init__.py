@@ -2,9 +2,10 @@
 pack's top-level ``__init__.py`` (ComfyUI owns the top-level name ``nodes``)."""
 
 from .apply import SaladApply
+from .calibrate import SaladCalibrate
 from .stats import SaladStats
 from .weights import SaladWeightsLoader
 
-NODE_LIST = [SaladApply, SaladWeightsLoader, SaladStats]
+NODE_LIST = [SaladApply, SaladWeightsLoader, SaladStats, SaladCalibrate]
 
-__all__ = ["NODE_LIST", "SaladApply", "SaladStats", "SaladWeightsLoader"]
+__all__ = ["NODE_LIST", "SaladApply", "SaladCalibrate", "SaladStats", "SaladWeightsLoader"]

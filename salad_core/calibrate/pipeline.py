@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import logging
 import os
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 from ..weights import SaladWeights, save_salad_weights
 from .report import make_plots, summary_text
@@ -74,5 +74,6 @@ def calibrate(
     path = None
     if out_path:
         path = save_salad_weights(weights, out_path, overwrite=overwrite)
+        weights = replace(weights, source=path)
         log.info("SALAD calibrate: wrote %s", path)
     return CalibrationOutput(weights, win, gates, make_plots(win, gates), summary_text(win, gates, path), path)
