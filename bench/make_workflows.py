@@ -64,7 +64,7 @@ def build(kind: str, model: str, width: int, height: int, length: int, steps: in
     vae = g.add("VAELoader", [("vae_name", "wan_2.1_vae.safetensors")], outputs=[("VAE", "VAE")],
                 pos=(20, 350), size=(340, 58))
     weights = g.add("SaladWeightsLoader", [("weights_name", "none (training-free)")],
-                    outputs=[("SALAD_WEIGHTS", "SALAD_WEIGHTS"), ("STRING", "STRING")],
+                    outputs=[("salad_weights", "SALAD_WEIGHTS"), ("info", "STRING")],
                     pos=(20, 450), size=(340, 80), title="SALAD Weights Loader")
     pos = g.add("CLIPTextEncode", [("text", I2V_POSITIVE if i2v else POSITIVE)], inputs=[("clip", "CLIP")],
                 outputs=[("CONDITIONING", "CONDITIONING")], pos=(400, 80), size=(420, 180), title="Positive prompt")
@@ -78,7 +78,7 @@ def build(kind: str, model: str, width: int, height: int, length: int, steps: in
     salad = g.add("SaladApply", SALAD_DEFAULTS, inputs=[("model", "MODEL"), ("salad_weights", "SALAD_WEIGHTS")],
                   outputs=[("MODEL", "MODEL")], pos=(860, 180), size=(320, 250), title="SALAD Apply")
     g.link(msd, "MODEL", salad, "model")
-    g.link(weights, "SALAD_WEIGHTS", salad, "salad_weights")
+    g.link(weights, "salad_weights", salad, "salad_weights")
     ks = g.add("KSampler", [("seed", 42), ("steps", steps), ("cfg", 6.0), ("sampler_name", "uni_pc"),
                             ("scheduler", "simple"), ("denoise", 1.0)],
                inputs=[("model", "MODEL"), ("positive", "CONDITIONING"), ("negative", "CONDITIONING"),
@@ -125,13 +125,13 @@ def build(kind: str, model: str, width: int, height: int, length: int, steps: in
                inputs=[("video", "VIDEO")], pos=(1830, 80), size=(520, 420))
     g.link(cv, "VIDEO", sv, "video")
     stats = g.add("SaladStats", inputs=[("model", "MODEL"), ("latent", "LATENT")],
-                  outputs=[("IMAGE", "IMAGE"), ("STRING", "STRING")], pos=(1220, 400), size=(320, 100),
+                  outputs=[("plot", "IMAGE"), ("summary", "STRING")], pos=(1220, 400), size=(320, 100),
                   title="SALAD Stats")
     g.link(salad, "MODEL", stats, "model")
     g.link(ks, "LATENT", stats, "latent")
     prev = g.add("PreviewImage", inputs=[("images", "IMAGE")], pos=(1580, 300), size=(220, 260),
-                 title="SALAD block mask")
-    g.link(stats, "IMAGE", prev, "images")
+                 title="SALAD gates / sparsity")
+    g.link(stats, "plot", prev, "images")
     extra = ("\n- `models/clip_vision/clip_vision_h.safetensors`\n- start image: any picture in `input/`"
              if i2v else "")
     g.add("MarkdownNote", [("text", NOTE.format(title=title, sparsity=0.9, model=model, extra=extra))],
