@@ -3,6 +3,8 @@ dropped branches, attention time), as a PIL-drawn plot and a text summary."""
 
 from __future__ import annotations
 
+import os
+
 import numpy as np
 import torch
 from comfy_api.latest import io, ui
@@ -33,7 +35,7 @@ def _fmt_layers(layers) -> str:
 def summarize(runtime, info: SaladNodeInfo | None, s: RunSummary) -> str:
     cfg = runtime.config
     n = runtime.info.num_layers
-    lines = [f"SALAD stats ({runtime.source}; {runtime.info.base_model})"]
+    lines = [f"SALAD stats ({os.path.basename(runtime.source)}; {runtime.info.base_model})"]
     mode = f"{cfg.sparse_mode}, target sparsity {cfg.sparsity:.2f}" + (f", topk {cfg.topk}" if cfg.topk else "")
     measured = "n/a (no SALAD step ran)" if s.sparsity is None else f"{s.sparsity:.3f}"
     lines.append(f"mode: {mode}; measured sparsity: {measured}")
@@ -50,7 +52,8 @@ def summarize(runtime, info: SaladNodeInfo | None, s: RunSummary) -> str:
         lines.append(f"without linear branch: {_fmt_layers(sorted(set(range(n)) - set(active)))}")
     ms = [t for t in s.attention_ms if t is not None]
     if ms:
-        per = ", ".join("-" if t is None else f"{t:.1f}" for t in s.attention_ms)
+        per = ", ".join("-" if t is None else f"{t:.1f}" for t in s.attention_ms[:12])
+        per += ", ..." if len(s.attention_ms) > 12 else ""
         lines.append(f"attention: {sum(ms) / len(ms):.2f} ms/step mean over SALAD steps (per step: {per})")
     else:
         lines.append("attention: not measured")
@@ -85,8 +88,8 @@ def draw_plot(runtime, info: SaladNodeInfo | None, s: RunSummary) -> Image.Image
 
     dropped = set(info.dropped) if info is not None else set()
     # --- heat-map: rows = layers, columns = SALAD steps ---------------------------------------
-    x0, y0, x1, y1 = 60, 26, WIDTH - 80, 220
-    d.text((8, y0), "layer", fill=FG, font=font)
+    x0, y0, x1, y1 = 60, 26, WIDTH - 80, 210
+    d.text((8, y1 - 10), "layer", fill=FG, font=font)
     steps = max(1, len(s.gates))
     cw, rh = (x1 - x0) / steps, (y1 - y0) / max(1, n)
     for layer in range(n):
@@ -98,7 +101,11 @@ def draw_plot(runtime, info: SaladNodeInfo | None, s: RunSummary) -> Image.Image
             d.line([x0, y0 + (layer + 0.5) * rh, x1, y0 + (layer + 0.5) * rh], fill=RED, width=1)
         if rh >= 10 or layer % max(1, round(10 / rh)) == 0:
             d.text((x0 - 22, y0 + layer * rh), str(layer), fill=FG, font=font)
-    d.text((x0, y1 + 3), "step (SALAD steps; gray = branch not run; red line = dropped)", fill=FG, font=font)
+    label_every = max(1, round(24 / cw))
+    for j, step in enumerate(s.steps):
+        if j % label_every == 0:
+            d.text((x0 + j * cw + 2, y1 + 2), "?" if step is None else str(step), fill=FG, font=font)
+    d.text((x0, y1 + 14), "sampling step (gray = branch not run; red line = dropped)", fill=FG, font=font)
     # colour bar
     for i in range(int(y1 - y0)):
         d.line([x1 + 12, y1 - i, x1 + 24, y1 - i], fill=ramp(i / max(1, y1 - y0 - 1)))

@@ -322,6 +322,36 @@ def test_sparsity_zero_matches_stock_sampler(runner, tiny_name):
     assert "measured sparsity: 0.000" in salad.output(STATS, 1)
 
 
+def test_stats_plot_and_summary_for_a_full_size_run(graph_nodes):
+    """The plot/summary code on a 1.3B-shaped run (30 layers, 25 steps, 6 dropped), no sampling."""
+    from salad_core.config import SaladConfig
+    from salad_core.stats import RunSummary
+    from salad_core.wan import WanModelInfo
+
+    stats_mod = sys.modules[graph_nodes.NODE_CLASS_MAPPINGS["SaladStats"].__module__]
+    apply_mod = sys.modules[graph_nodes.NODE_CLASS_MAPPINGS["SaladApply"].__module__]
+    layers, steps = 30, 25
+    g = torch.Generator().manual_seed(0)
+    means = (torch.rand(layers, generator=g) * 0.6 + 0.2).tolist()
+    drop = sorted(sorted(range(layers), key=lambda i: means[i])[-6:])
+    gates = [[None if i in drop else means[i] + 0.01 * j for i in range(layers)] for j in range(steps)]
+    summary = RunSummary(gates, list(range(2, 2 + steps)), 0.9, [12.0] * steps, 2)
+    runtime = types.SimpleNamespace(
+        config=SaladConfig(gate_drop_percentile=20, dense_steps=2), info=WanModelInfo(1536, 12, layers, "t2v"),
+        linear_layers=frozenset(set(range(layers)) - set(drop)), source="/models/salad/wan13b.safetensors")
+    info = apply_mod.SaladNodeInfo("wan13b", layers, tuple(drop), (), tuple(means),
+                                   min(means[i] for i in drop), 20.0)
+    img = stats_mod.image_tensor(stats_mod.draw_plot(runtime, info, summary))
+    assert img.shape == (1, stats_mod.HEIGHT, stats_mod.WIDTH, 3)
+    # the dashed threshold line is drawn in red
+    red = torch.tensor(stats_mod.RED, dtype=torch.float32) / 255
+    assert ((img[0] - red).abs().sum(-1) < 1e-3).sum() > 50
+    text = stats_mod.summarize(runtime, info, summary)
+    assert "wan13b.safetensors; wan2.1-t2v-1.3b" in text and "measured sparsity: 0.900" in text
+    assert f"dropped by gate_drop_percentile 20: {', '.join(map(str, drop))}" in text
+    assert "steps: 25 SALAD + 2 dense" in text and "12.00 ms/step" in text and ", ..." in text
+
+
 # --------------------------------------------------------------------------------------------
 # Errors surface at the node, before sampling
 # --------------------------------------------------------------------------------------------
