@@ -52,16 +52,33 @@ def _bsa_backward(ctx, grad_out, grad_lse):
     selection = BlockSelection(kv_indices, kv_counts, ctx.block_size, q.shape[2], token_order)
     with torch.enable_grad():
         qd, kd, vd = (t.detach().requires_grad_(True) for t in (q, k, v))
-        if _use_flex(q.device):
-            from .block_sparse_attn.flex import block_sparse_attention_flex
-
-            out, _ = block_sparse_attention_flex(qd, kd, vd, selection, ctx.scale)
-            outs, grads = (out,), (grad_out,)
-        else:
-            out, lse = block_sparse_attention_torch(qd, kd, vd, selection, ctx.scale)
-            outs, grads = (out, lse), (grad_out, grad_lse)
-        dq, dk, dv = _grads(outs, (qd, kd, vd), grads)
+        if _use_flex(q.device) and not _FLEX_BROKEN:
+            try:
+                return (*_flex_grads(qd, kd, vd, selection, ctx.scale, grad_out), None, None, None, None, None, None)
+            except Exception as exc:  # a broken Inductor must not stop training: torch path
+                _flex_failed(exc)
+        out, lse = block_sparse_attention_torch(qd, kd, vd, selection, ctx.scale)
+        dq, dk, dv = _grads((out, lse), (qd, kd, vd), (grad_out, grad_lse))
     return dq, dk, dv, None, None, None, None, None, None
+
+
+_FLEX_BROKEN = False
+
+
+def _flex_grads(qd, kd, vd, selection, scale, grad_out):
+    from .block_sparse_attn.flex import block_sparse_attention_flex
+
+    out, _ = block_sparse_attention_flex(qd, kd, vd, selection, scale)
+    return _grads((out,), (qd, kd, vd), (grad_out,))
+
+
+def _flex_failed(exc: Exception) -> None:
+    global _FLEX_BROKEN
+    import logging
+
+    _FLEX_BROKEN = True
+    logging.getLogger("salad").warning(
+        "SALAD: FlexAttention backward failed (%s: %s); using the torch backward.", type(exc).__name__, exc)
 
 
 # -- linear attention ---------------------------------------------------------------------------

@@ -38,6 +38,19 @@ def trainable_param_count(dim: int, layers: int, rank: int, linear_branch: bool 
     return branch + layers * len(LORA_TARGETS) * 2 * dim * rank
 
 
+def checkpoint_block(block: nn.Module, enabled=lambda: True) -> None:
+    """Per-block gradient checkpointing (non-reentrant), by wrapping the block's forward."""
+    orig = block.forward
+
+    @functools.wraps(orig)
+    def forward(*args, **kwargs):
+        if enabled() and torch.is_grad_enabled():
+            return checkpoint(orig, *args, use_reentrant=False, **kwargs)
+        return orig(*args, **kwargs)
+
+    block.forward = forward
+
+
 class SaladTrainModel(nn.Module):
     """Wraps a ComfyUI WanModel (``patcher.model.diffusion_model``) in place for training.
 
@@ -94,15 +107,7 @@ class SaladTrainModel(nn.Module):
 
     # -- structure ----------------------------------------------------------------------------
     def _wrap_checkpoint(self, block: nn.Module) -> None:
-        orig = block.forward
-
-        @functools.wraps(orig)
-        def forward(*args, **kwargs):
-            if self.checkpointing and torch.is_grad_enabled():
-                return checkpoint(orig, *args, use_reentrant=False, **kwargs)
-            return orig(*args, **kwargs)
-
-        block.forward = forward
+        checkpoint_block(block, lambda: self.checkpointing)
 
     @property
     def attn(self) -> list[SaladSelfAttention]:
