@@ -263,6 +263,13 @@ def test_graph_runs_end_to_end(runner, tiny_name):
     ui = run.ui(STATS)
     assert ui["images"] and ui["text"][0] == summary
 
+    # SALAD Apply cloned: the MODEL it was given carries no SALAD patch.
+    from salad_core.patch import salad_runtime
+
+    upstream, patched = run.output(MS), run.output(APPLY)
+    assert patched is not upstream and salad_runtime(upstream) is None and salad_runtime(patched) is not None
+    assert not any("self_attn" in k for k in upstream.object_patches)
+
 
 def test_interactive_requeue_does_not_reload_model(runner, tiny_name):
     first = runner.run(base_prompt(tiny_name, sparsity=0.9))
@@ -315,8 +322,9 @@ def test_sparsity_zero_matches_stock_sampler(runner, tiny_name):
     stock = runner.run(base_prompt(tiny_name, salad=False, steps=3))
     assert stock.error is None
     ref = stock.output(KSAMPLER)["samples"].clone()
-    salad = runner.run(base_prompt(tiny_name, steps=3, sparsity=0.0, topk=0))
+    salad = runner.run(base_prompt(tiny_name, steps=3, sparsity=0.0, topk=0, weights=TRAINING_FREE))
     assert salad.error is None and UNET not in salad.executed
+    assert salad.output(LOADER, 0) is None and "training-free" in salad.output(LOADER, 1)
     out = salad.output(KSAMPLER)["samples"]
     assert rel_err(out, ref) < 1e-4, rel_err(out, ref)
     assert "measured sparsity: 0.000" in salad.output(STATS, 1)
