@@ -128,32 +128,30 @@ class Graph:
 _DEFS: Optional[Dict[str, dict]] = None
 
 
-def load_comfy_nodes(pack_dirs: Optional[Iterable[Path]] = None) -> None:
-    """Register ComfyUI's built-in extra nodes plus custom node folders, in this process.
+# Built-in extra node files the shipped workflows need (class in that file -> file).
+NEEDED_EXTRAS = {"ModelSamplingSD3": "nodes_model_advanced.py", "EmptyHunyuanLatentVideo": "nodes_hunyuan.py",
+                 "CreateVideo": "nodes_video.py", "WanImageToVideo": "nodes_wan.py"}
 
-    Default folders: this pack as ComfyUI sees it (``<ComfyUI>/custom_nodes/salad``, the link made
-    by .ci/setup_comfyui.sh, else the repo itself) and tests/comfy_test_nodes. ComfyUI (CPU mode
-    set) must already be importable. Idempotent."""
+
+def load_comfy_nodes() -> None:
+    """Register, in this process, what the shipped workflows need: the built-in extra node files
+    above, this pack (loaded from the repo as a ``custom_nodes`` package, as tests/test_nodes.py
+    does) and tests/comfy_test_nodes. Nodes already registered are not loaded again (loading the
+    pack twice would define its torch custom ops twice). ComfyUI (CPU mode set) must be importable."""
     import asyncio
 
     import folder_paths
-    import utils.extra_config  # noqa: F401  (ComfyUI's utils package, before comfy/utils.py can shadow it)
     import nodes
 
-    if pack_dirs is None:
-        link = Path(folder_paths.base_path) / "custom_nodes" / "salad"
-        pack_dirs = [link if (link / "__init__.py").is_file() else REPO, TEST_NODES_DIR]
-    if not getattr(nodes, "_salad_builtin_loaded", False):
-        asyncio.run(nodes.init_builtin_extra_nodes())
-        nodes._salad_builtin_loaded = True
-    loaded = getattr(nodes, "_salad_packs_loaded", set())
-    for d in map(str, pack_dirs):
-        if d in loaded:
+    extras = Path(folder_paths.base_path) / "comfy_extras"
+    todo = [(extras / f, "comfy_extras") for t, f in NEEDED_EXTRAS.items()]
+    todo += [(REPO, "custom_nodes"), (TEST_NODES_DIR, "custom_nodes")]
+    keys = list(NEEDED_EXTRAS) + ["SaladApply", "SaladTestConditioning"]
+    for key, (path, parent) in zip(keys, todo):
+        if key in nodes.NODE_CLASS_MAPPINGS:
             continue
-        if not asyncio.run(nodes.load_custom_node(d)):
-            raise RuntimeError(f"ComfyUI failed to import custom nodes from {d} (see the log above)")
-        loaded.add(d)
-    nodes._salad_packs_loaded = loaded
+        if not asyncio.run(nodes.load_custom_node(str(path), module_parent=parent)):
+            raise RuntimeError(f"ComfyUI failed to import {path} (see the log above)")
     global _DEFS
     _DEFS = None
 
