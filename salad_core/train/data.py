@@ -140,11 +140,13 @@ def _progress(total: int, desc: str, callback):
     from tqdm import tqdm
 
     bar = tqdm(total=total, desc=desc, unit="item", disable=callback is not None)
+    done = [0]
 
     def tick(n=1):
+        done[0] += n
         bar.update(n)
         if callback is not None:
-            callback(bar.n, total)
+            callback(done[0], total)
 
     return bar, tick
 
