@@ -24,8 +24,10 @@ window radius r of 1 .. n_blocks-1 key blocks each side (window = r * block_size
 largest is dense). Every radius is tried when there are at most 64, else every radius up to 16
 and a geometric grid above.
 
-* delta mode (target_sparsity 0): per head and order the smallest r with RSE <= delta; the
-  order with the smaller r wins (ties: smaller RSE, then spatial).
+* delta mode (target_sparsity 0): per head and order the smallest r with RSE <= delta *
+  (1 - headroom) on the calibration prompts (headroom 0.1 by default, so that unseen prompts
+  stay within delta as well; 0 is the paper's plain rule); the order with the smaller r wins
+  (ties: smaller RSE, then spatial).
 * sparsity mode (target_sparsity > 0): the per-head choices whose mean kept block fraction over
   all heads and layers is <= 1 - target, with the least total mean RSE (greedy).
 
@@ -47,6 +49,7 @@ from .run import (
     CaptureSelfAttention,
     calibrate_gates,
     calibrate_windows,
+    collect_window_errors,
     gate_statistics,
     gate_weights,
     split_conditioning,
@@ -72,6 +75,7 @@ __all__ = [
     "band_errors",
     "calibrate_gates",
     "calibrate_windows",
+    "collect_window_errors",
     "candidate_radii",
     "gate_statistics",
     "gate_weights",

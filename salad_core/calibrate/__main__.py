@@ -69,6 +69,7 @@ def main(argv=None) -> int:
     p.add_argument("--what", default="windows", choices=("windows", "gate_thresholds", "both"))
     p.add_argument("--steps", type=int, default=4)
     p.add_argument("--delta", type=float, default=2.0, help="max RSE per head in percent (default 2.0)")
+    p.add_argument("--headroom", type=float, default=0.1, help="choose windows within delta*(1-headroom) (default 0.1)")
     p.add_argument("--target-sparsity", type=float, default=0.0, help="> 0: windows for this sparsity, least error")
     p.add_argument("--frames", type=int, default=21, help="latent frames (21 = 81 video frames)")
     p.add_argument("--height", type=int, default=60, help="latent height (60 = 480 px)")
@@ -110,7 +111,7 @@ def main(argv=None) -> int:
 
     t1 = time.perf_counter()
     out = calibrate(model, cond, latent, a.steps, a.delta, a.target_sparsity, a.what, weights, a.out,
-                    a.overwrite, a.seed, a.block_size, progress)
+                    a.overwrite, a.seed, a.block_size, progress, headroom=a.headroom)
     t2 = time.perf_counter()
     folder = a.plots or os.path.dirname(os.path.abspath(a.out))
     stem = os.path.splitext(os.path.basename(a.out))[0]

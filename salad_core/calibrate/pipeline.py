@@ -9,7 +9,7 @@ from dataclasses import dataclass, replace
 from ..weights import SaladWeights, save_salad_weights
 from .report import make_plots, summary_text
 from .run import GateCalibration, calibrate_gates, calibrate_windows, gate_weights, split_conditioning, window_weights
-from .windows import WindowCalibration
+from .windows import DEFAULT_HEADROOM, WindowCalibration
 
 log = logging.getLogger("salad")
 WHAT_CHOICES = ("windows", "gate_thresholds", "both")
@@ -49,6 +49,7 @@ def calibrate(
     seed: int = 0,
     block_size: int = 64,
     progress=None,
+    headroom: float = DEFAULT_HEADROOM,
 ) -> CalibrationOutput:
     if what not in WHAT_CHOICES:
         raise ValueError(f"Expected what in {WHAT_CHOICES}, got {what!r}. Try 'windows'.")
@@ -66,7 +67,7 @@ def calibrate(
     win = gates = None
     if what in ("windows", "both"):
         win = calibrate_windows(model_patcher, conditioning, latent, steps, delta, target_sparsity,
-                                block_size=block_size, seed=seed, progress=progress)
+                                block_size=block_size, seed=seed, progress=progress, headroom=headroom)
         weights = window_weights(model_patcher, win, weights)
     if what in ("gate_thresholds", "both"):
         gates = calibrate_gates(model_patcher, weights, conditioning, latent, steps, seed=seed, progress=progress)

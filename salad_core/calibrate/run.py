@@ -14,10 +14,10 @@ import torch
 from ..attention import SaladSelfAttention
 from ..config import SaladConfig
 from ..patch import apply_salad, latent_grid, salad_runtime, self_attn_key, stock_self_attention
-from ..runtime import CALL_KEY, CallInfo, step_index
+from ..runtime import CALL_KEY, CallInfo, SaladRuntime, step_index
 from ..wan import wan_info
 from ..weights import SaladWeights, SaladWeightsError, fresh_salad_weights
-from .windows import WindowCalibration, WindowErrors, band_errors, candidate_radii, select_by_delta, select_by_sparsity
+from .windows import DEFAULT_HEADROOM, WindowCalibration, WindowErrors, band_errors, candidate_radii, select_by_delta, select_by_sparsity
 
 log = logging.getLogger("salad")
 
@@ -106,17 +106,12 @@ def _sample_all(model_patcher, conditionings, samples, steps: int, seed: int, on
 # windows
 # ------------------------------------------------------------------------------------------
 
-class _CallReader:
-    def call_info(self, transformer_options: dict) -> CallInfo:
-        return transformer_options.get(CALL_KEY) or CallInfo()
-
-
 class CaptureSelfAttention(SaladSelfAttention):
     """Runs the stock dense attention for the output (the trajectory is the dense model's) and
     streams this layer's q/k/v (SaladSelfAttention.qkv, the same path SALAD uses) to a sink."""
 
-    def __init__(self, stock, layer: int, apply_rope, sink):
-        super().__init__(stock, layer, None, _CallReader(), apply_rope)
+    def __init__(self, stock, layer: int, runtime: SaladRuntime, apply_rope, sink):
+        super().__init__(stock, layer, None, runtime, apply_rope)
         self._sink = sink
 
     def forward(self, x, freqs, transformer_options={}):
@@ -140,6 +135,58 @@ def token_grid(model_patcher, samples) -> tuple[int, int, int]:
     return tuple(math.ceil(s / p) for s, p in zip(samples.shape[2:], patch))
 
 
+def collect_window_errors(
+    model_patcher,
+    conditioning,
+    latent,
+    steps: int = 4,
+    block_size: int = 64,
+    seed: int = 0,
+    max_candidates: int = 64,
+    progress: Progress | None = None,
+) -> WindowErrors:
+    """Sample the dense model on each conditioning for ``steps`` steps and measure the RSE of
+    every candidate (order, radius) of every head. ``progress`` is called once per layer call."""
+    import comfy.ldm.flux.math
+    import comfy.patcher_extension
+
+    conditionings = split_conditioning(conditioning)
+    info, samples = check_common(model_patcher, conditionings, latent, steps)
+    _expect(block_size in (16, 32, 64, 128), "block_size in (16, 32, 64, 128)", block_size, "64")
+    grid = token_grid(model_patcher, samples)
+    n = grid[0] * grid[1] * grid[2]
+    nb = (n + block_size - 1) // block_size
+    _expect(nb >= 2, f"a latent of at least 2 blocks of {block_size} tokens", f"{n} tokens (grid {grid})",
+            "a larger latent (the size you will generate)")
+    radii = candidate_radii(nb, max_candidates)
+    errors = WindowErrors(info.num_layers, info.num_heads, nb, block_size, grid, radii)
+    chunk = (1 << 28) if model_patcher.load_device.type == "cuda" else (1 << 25)
+
+    def sink(layer, q, k, v, call: CallInfo):
+        err, ref = band_errors(q, k, v, call.grid or grid, block_size, radii, chunk_elements=chunk)
+        errors.add(layer, err, ref)
+        if progress is not None:
+            progress(1)
+
+    clone = model_patcher.clone()
+    apply_rope = comfy.ldm.flux.math.apply_rope1
+    # A real runtime (only its call info and config are read): the torch backend keeps q/k/v
+    # exactly the stock ops.
+    runtime = SaladRuntime(SaladConfig(backend="torch"), info, frozenset(), "calibration")
+    for layer in range(info.num_layers):
+        stock = stock_self_attention(model_patcher, layer)
+        clone.add_object_patch(self_attn_key(layer), CaptureSelfAttention(stock, layer, runtime, apply_rope, sink))
+    clone.add_wrapper_with_key(comfy.patcher_extension.WrappersMP.DIFFUSION_MODEL, WRAPPER_KEY, _grid_wrapper())
+    log.info(
+        "SALAD calibrate: windows for %s on %d prompt(s) x %d step(s), grid %s, %d blocks of %d, %d candidate radii",
+        info.base_model, len(conditionings), steps, grid, nb, block_size, len(radii),
+    )
+    with torch.inference_mode():
+        _sample_all(clone, conditionings, samples, steps, seed, None)
+    errors.check_complete()
+    return errors
+
+
 def calibrate_windows(
     model_patcher,
     conditioning,
@@ -151,15 +198,10 @@ def calibrate_windows(
     seed: int = 0,
     max_candidates: int = 64,
     progress: Progress | None = None,
+    headroom: float = DEFAULT_HEADROOM,
 ) -> WindowCalibration:
-    """Sample the dense model on each conditioning for ``steps`` steps and choose each head's
-    ST-SWA order and window (smallest radius with RSE <= delta, or the least-error windows for
-    ``target_sparsity`` when it is > 0). ``progress`` is called once per layer call."""
-    import comfy.ldm.flux.math
-    import comfy.patcher_extension
-
-    conditionings = split_conditioning(conditioning)
-    info, samples = check_common(model_patcher, conditionings, latent, steps)
+    """Each head's ST-SWA order and window: the smallest radius with RSE <= delta, or, when
+    ``target_sparsity`` > 0, the least-error windows that reach it (see the package docstring)."""
     _expect(
         isinstance(delta, (int, float)) and math.isfinite(delta) and delta > 0,
         "delta > 0 (the largest allowed RSE per head, in percent)", delta, "2.0 (the paper's value)",
@@ -168,36 +210,10 @@ def calibrate_windows(
         isinstance(target_sparsity, (int, float)) and 0.0 <= target_sparsity < 1.0,
         "target_sparsity in [0, 1)", target_sparsity, "0 (use delta) or e.g. 0.9",
     )
-    _expect(block_size in (16, 32, 64, 128), "block_size in (16, 32, 64, 128)", block_size, "64")
-    grid = token_grid(model_patcher, samples)
-    n = grid[0] * grid[1] * grid[2]
-    nb = (n + block_size - 1) // block_size
-    _expect(nb >= 2, f"a latent of at least 2 blocks of {block_size} tokens", f"{n} tokens (grid {grid})", "a larger latent (the size you will generate)")
-    radii = candidate_radii(nb, max_candidates)
-    errors = WindowErrors(info.num_layers, info.num_heads, nb, block_size, grid, radii)
-    chunk = (1 << 28) if model_patcher.load_device.type == "cuda" else (1 << 25)
-
-    def sink(layer, q, k, v, call: CallInfo):
-        call_grid = call.grid or grid
-        err, ref = band_errors(q, k, v, call_grid, block_size, radii, chunk_elements=chunk)
-        errors.add(layer, err, ref)
-        if progress is not None:
-            progress(1)
-
-    clone = model_patcher.clone()
-    apply_rope = comfy.ldm.flux.math.apply_rope1
-    for layer in range(info.num_layers):
-        stock = stock_self_attention(model_patcher, layer)
-        clone.add_object_patch(self_attn_key(layer), CaptureSelfAttention(stock, layer, apply_rope, sink))
-    clone.add_wrapper_with_key(comfy.patcher_extension.WrappersMP.DIFFUSION_MODEL, WRAPPER_KEY, _grid_wrapper())
-    log.info(
-        "SALAD calibrate: windows for %s on %d prompt(s) x %d step(s), grid %s, %d blocks of %d, %d candidate radii",
-        info.base_model, len(conditionings), steps, grid, nb, block_size, len(radii),
-    )
-    with torch.inference_mode():
-        _sample_all(clone, conditionings, samples, steps, seed, None)
-    result = select_by_sparsity(errors, target_sparsity) if target_sparsity > 0 else select_by_delta(errors, delta)
-    for layer in range(info.num_layers):
+    _expect(0.0 <= headroom < 1.0, "headroom in [0, 1)", headroom, "0.1")
+    errors = collect_window_errors(model_patcher, conditioning, latent, steps, block_size, seed, max_candidates, progress)
+    result = select_by_sparsity(errors, target_sparsity) if target_sparsity > 0 else select_by_delta(errors, delta, headroom)
+    for layer in range(errors.num_layers):
         log.info("SALAD calibrate: %s", result.layer_line(layer))
     return result
 

@@ -27,6 +27,9 @@ from ..config import HEAD_KINDS, HeadWindow
 
 KIND_SPATIAL, KIND_TEMPORAL = 0, 1
 DEFAULT_MAX_CANDIDATES = 64
+# Windows are chosen to stay within delta * (1 - headroom) on the calibration prompts, so that
+# held-out prompts (whose worst head error varies by a few percent) stay within delta.
+DEFAULT_HEADROOM = 0.1
 # Score-buffer budget per chunk (fp32 elements): [T, N] scores and [T, n_blocks, D] block sums.
 CHUNK_ELEMENTS = 1 << 25
 
@@ -230,11 +233,12 @@ def _finish(errors: WindowErrors, kind: torch.Tensor, ridx: torch.Tensor, delta,
     )
 
 
-def select_by_delta(errors: WindowErrors, delta: float) -> WindowCalibration:
-    """Per head and order, the smallest radius whose worst-call RSE is <= delta (greedy, as
-    DiTFastAttnV2); the order with the smaller radius wins (ties: smaller RSE, then spatial)."""
+def select_by_delta(errors: WindowErrors, delta: float, headroom: float = DEFAULT_HEADROOM) -> WindowCalibration:
+    """Per head and order, the smallest radius whose worst-call RSE is <= delta * (1 - headroom)
+    (greedy, as DiTFastAttnV2); the order with the smaller radius wins (ties: smaller RSE, then
+    spatial). The headroom keeps unseen prompts within delta too."""
     errors.check_complete()
-    ok = errors.rse_max <= delta  # [L, H, 2, K]
+    ok = errors.rse_max <= delta * (1.0 - headroom)  # [L, H, 2, K]
     k_count = len(errors.radii)
     idx = torch.arange(k_count).expand_as(ok)
     first = torch.where(ok, idx, torch.full_like(idx, k_count)).amin(-1)  # [L, H, 2]
