@@ -45,6 +45,11 @@ IMPLEMENTATIONS: dict[str, dict[str, str]] = {
         "flex": "block_sparse_attn.fused:salad_attention_flex",
         "torch": "block_sparse_attn.fused:salad_attention_torch",
     },
+    # Wan's q/k RMSNorm + RoPE in one pass (SaladSelfAttention.qkv on CUDA).
+    "qk_norm_rope": {
+        "triton": "qk_norm_rope.triton:qk_norm_rope_triton",
+        "torch": "qk_norm_rope.naive:qk_norm_rope_torch",
+    },
 }
 PREFERENCE = ("triton", "flex", "torch")
 

@@ -1,0 +1,124 @@
+"""salad::qk_norm_rope: the torch reference mirrors ComfyUI's Wan q/k path bit for bit; the
+Triton kernel (CPU interpreter here, CUDA on the GPU box) matches the reference."""
+
+import pytest
+import torch
+
+from kernels.qk_norm_rope import qk_norm_rope
+from kernels.qk_norm_rope.naive import qk_norm_rope_torch
+
+
+def rope_freqs(b, n, d, seed=0):
+    """Random rotations as Wan builds them: [B, N, 1, D/2, 2, 2] fp32 of (cos, -sin; sin, cos)."""
+    g = torch.Generator().manual_seed(seed)
+    ang = torch.rand(b, n, 1, d // 2, generator=g, dtype=torch.float64) * 6.28
+    cos, sin = ang.cos(), ang.sin()
+    return torch.stack([cos, -sin, sin, cos], dim=-1).reshape(b, n, 1, d // 2, 2, 2).float()
+
+
+def inputs(b=2, n=37, h=3, d=16, dtype=torch.float32, seed=0, batch_freqs=True):
+    g = torch.Generator().manual_seed(seed)
+    x = (torch.randn(b, n, h * d, generator=g) * 3).to(dtype)
+    w = (1 + 0.1 * torch.randn(h * d, generator=g)).to(dtype)
+    return x, w, rope_freqs(b if batch_freqs else 1, n, d, seed + 1)
+
+
+def rel(a, b):
+    return float((a.float() - b.float()).norm() / b.float().norm())
+
+
+def test_reference_is_comfyui_rmsnorm_then_apply_rope1(comfy):
+    import comfy.rmsnorm
+    from comfy.ldm.flux.math import apply_rope1
+
+    for dtype in (torch.float32, torch.bfloat16):
+        x, w, f = inputs(dtype=dtype)
+        stock = apply_rope1(comfy.rmsnorm.rms_norm(x, w, 1e-6).view(2, 37, 3, 16), f)
+        assert torch.equal(qk_norm_rope_torch(x, w, f, 3, 1e-6), stock)
+        assert torch.equal(qk_norm_rope(x, w, f, 3, backend="torch"), stock)
+
+
+@pytest.mark.parametrize("dtype,tol", [(torch.float32, 1e-5), (torch.bfloat16, 1e-2)])
+@pytest.mark.parametrize("batch_freqs", [True, False])
+def test_triton_matches_reference(dtype, tol, batch_freqs):
+    x, w, f = inputs(dtype=dtype, batch_freqs=batch_freqs, seed=3)
+    want = qk_norm_rope_torch(x, w, f, 3, 1e-6)
+    got = qk_norm_rope(x, w, f, 3, backend="triton")
+    assert got.shape == (2, 37, 3, 16) and got.dtype == dtype and got.is_contiguous()
+    assert torch.isfinite(got).all()
+    assert rel(got, want) < tol, rel(got, want)
+    if dtype == torch.bfloat16:  # at most a rounding step apart
+        assert float((got.float() - want.float()).abs().max()) <= 0.02 * float(want.float().abs().max())
+
+
+def test_triton_non_power_of_two_channels_and_strided_input():
+    # C = 5 * 16 = 80 (40 pairs, masked to 64); x a slice of a wider projection (row stride != C)
+    g = torch.Generator().manual_seed(5)
+    wide = torch.randn(1, 9, 200, generator=g)
+    x = wide[..., :80]
+    w = 1 + 0.1 * torch.randn(80, generator=g)
+    f = rope_freqs(1, 9, 16, 6)
+    got = qk_norm_rope(x, w, f, 5, backend="triton")
+    assert rel(got, qk_norm_rope_torch(x, w, f, 5, 1e-6)) < 1e-5
+
+
+def test_fake_kernel_shape_for_compile():
+    from torch._subclasses.fake_tensor import FakeTensorMode
+
+    with FakeTensorMode():
+        x, w, f = torch.empty(2, 7, 64), torch.empty(64), torch.empty(1, 7, 1, 16, 2, 2)
+        out = qk_norm_rope(x, w, f, 2)
+    assert out.shape == (2, 7, 2, 32)
+
+
+@pytest.mark.gpu
+def test_cuda_bf16_wan_shape_matches_reference():
+    torch.manual_seed(0)
+    x = torch.randn(1, 4680, 1536, device="cuda", dtype=torch.bfloat16)
+    w = 1 + 0.1 * torch.randn(1536, device="cuda", dtype=torch.bfloat16)
+    f = rope_freqs(1, 4680, 128).cuda()
+    got = qk_norm_rope(x, w, f, 12, backend="triton")
+    assert rel(got, qk_norm_rope_torch(x, w, f, 12, 1e-6)) < 1e-2
+
+
+@pytest.mark.parametrize("live", [True, False])
+def test_fused_hot_path_equals_reference_salad_attention(live):
+    """salad_attention_fused (one salad::salad_attention kernel, Proj accumulated in place) ==
+    salad_attention (the readable reference) for a live branch and for a dropped one."""
+    import kernels
+    from salad_core.attention import SaladBranch, salad_attention, salad_attention_fused
+
+    g = torch.Generator().manual_seed(7)
+    b, h, n, d = 2, 2, 70, 16
+    q, k, v = (torch.randn(b, n, h, d, generator=g).transpose(1, 2) for _ in range(3))
+    x = torch.randn(b, n, h * d, generator=g)
+    branch = SaladBranch(h * d)
+    with torch.no_grad():
+        for p in branch.parameters():
+            p.copy_(torch.randn(p.shape, generator=g) * 0.3)
+    branch = branch if live else None
+    sel = kernels.select_topk_blocks(q, k, 16, 2, backend="torch")
+    with torch.no_grad():
+        want, gate_want = salad_attention(q, k, v, x, sel, branch, linear_scale=0.7, backend="torch")
+        got, gate = salad_attention_fused(q, k, v, x, sel, branch, linear_scale=0.7, backend="triton")
+    assert rel(got, want) < 1e-5, rel(got, want)
+    if live:
+        assert torch.allclose(gate, gate_want)
+
+
+@pytest.mark.slow
+def test_patched_wan_fused_backend_matches_torch_backend(tiny_wan_path, load_wan, wan_inputs, run_wan):
+    """The whole patched ComfyUI model: backend 'triton' (fused q/k norm + RoPE, fused op) vs
+    'torch' (stock ops, reference path) with a live linear branch."""
+    from salad_core import SaladConfig, fresh_salad_weights, wan_info
+    from salad_core.patch import apply_salad
+
+    base = load_wan(tiny_wan_path)
+    inputs = wan_inputs(base, batch=2, frames=3, height=16, width=16, seed=3)
+    w = fresh_salad_weights(wan_info(base.model.diffusion_model))
+    g = torch.Generator().manual_seed(0)
+    w = type(w)(w.meta, {k: (torch.randn(t.shape, generator=g) * 0.05 if ".salad.proj" in k or ".salad.gate" in k else t)
+                         for k, t in w.tensors.items()}, w.source)
+    outs = [run_wan(apply_salad(base, SaladConfig(block_size=16, sparsity=0.5, backend=be), w), inputs)
+            for be in ("torch", "triton")]
+    assert rel(outs[1], outs[0]) < 1e-4, rel(outs[1], outs[0])
