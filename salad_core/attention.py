@@ -8,6 +8,7 @@ import torch
 from torch import nn
 
 import kernels
+from kernels.qk_norm_rope import qk_norm_rope
 
 from .gate import scalar_gate
 from .wan import SELF_ATTN_PARTS
@@ -99,30 +100,91 @@ class SaladSelfAttention(nn.Module):
         self._apply_rope = apply_rope
         self._stock_forward = stock.forward
 
-    def qkv(self, x, freqs):
+    def qkv(self, x, freqs, fused: bool | None = None):
         """RoPE'd q, k and v as [B, H, N, D] views, computed as the stock forward does (also
-        used by salad_core.calibrate)."""
+        used by salad_core.calibrate). With the fused kernels (Triton backend, see
+        SaladRuntime.fused_kernels) q/k RMSNorm + RoPE run as one pass
+        (``salad::qk_norm_rope``); otherwise exactly the stock ops."""
         b, n = x.shape[:2]
         h, d = self.num_heads, self.head_dim
+        if fused is None:
+            fused = self.runtime.fused_kernels(x.device)
+        if fused and not torch.is_grad_enabled() and self._plain_norms(x):  # no autograd there
+            backend = self.runtime.config.backend
+            q = qk_norm_rope(self.q(x), _plain_weight(self.norm_q, x), freqs, h, _eps(self.norm_q, x), backend)
+            k = qk_norm_rope(self.k(x), _plain_weight(self.norm_k, x), freqs, h, _eps(self.norm_k, x), backend)
+            v = self.v(x).view(b, n, h, d)
+            return q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)
         # Same order and dtypes as the stock forward (norm + RoPE in fp32 via apply_rope).
         q = self._apply_rope(self.norm_q(self.q(x)).view(b, n, h, d), freqs).transpose(1, 2)
         k = self._apply_rope(self.norm_k(self.k(x)).view(b, n, h, d), freqs).transpose(1, 2)
         v = self.v(x).view(b, n, h, d).transpose(1, 2)
         return q, k, v
 
+    def _plain_norms(self, x) -> bool:
+        return _plain_weight(self.norm_q, x) is not None and _plain_weight(self.norm_k, x) is not None
+
     def forward(self, x, freqs, transformer_options={}):
         call = self.runtime.call_info(transformer_options)
         if call.dense:
             return self._stock_forward(x, freqs, transformer_options=transformer_options)
-        q, k, v = self.qkv(x, freqs)
+        fused = call.fused and not torch.is_grad_enabled()  # the fused kernels have no backward
+        q, k, v = self.qkv(x, freqs, fused)
+        cfg = self.runtime.config
         with self.runtime.timed(self.layer):
             selection = self.runtime.selection(self.layer, q, k, call)
             branch = self.salad if self.runtime.linear_active(self.layer) else None
-            out, gate = salad_attention(
-                q, k, v, x, selection, branch,
-                linear_scale=self.runtime.config.linear_scale,
-                backend=self.runtime.config.backend,
-                eps=self.runtime.config.eps,
-            )
+            if fused and (branch is None or _plain_weight(branch.proj, x) is not None):
+                out, gate = salad_attention_fused(q, k, v, x, selection, branch, cfg.linear_scale, cfg.backend, cfg.eps)
+            else:
+                out, gate = salad_attention(
+                    q, k, v, x, selection, branch,
+                    linear_scale=cfg.linear_scale, backend=cfg.backend, eps=cfg.eps,
+                )
         self.runtime.record(self.layer, selection, gate)
         return self.o(out)
+
+
+def _eps(norm: nn.Module, x: torch.Tensor) -> float:
+    eps = getattr(norm, "eps", None)
+    return torch.finfo(x.dtype).eps if eps is None else float(eps)
+
+
+def _plain_weight(module: nn.Module, like: torch.Tensor) -> torch.Tensor | None:
+    """The module's weight in ``like``'s dtype and device, or None when ComfyUI patches it at
+    run time (LoRA weight functions), where only the module's own forward is right."""
+    if getattr(module, "weight_function", None) or getattr(module, "bias_function", None):
+        return None
+    w = getattr(module, "weight", None)
+    return None if w is None else w.to(device=like.device, dtype=like.dtype)
+
+
+def salad_attention_fused(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    x: torch.Tensor,
+    selection: kernels.BlockSelection,
+    branch: SaladBranch | None,
+    linear_scale: float = 1.0,
+    backend: str = "auto",
+    eps: float = 1e-6,
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """Same result as ``salad_attention`` with fewer passes (the GPU hot path): one
+    ``salad::salad_attention`` kernel computes both branches and scales the linear one by
+    lambda * s_l * g in its epilogue; Proj then accumulates straight into the sparse output
+    (cuBLAS beta = 1), and its bias, scaled by the same coefficient, is one more add."""
+    if branch is None:
+        sparse, _ = kernels.block_sparse_attention(q, k, v, selection, backend=backend)
+        return merge_heads(sparse), None
+    gate = scalar_gate(x, branch.gate)
+    coeff = linear_scale * gate * branch.scale.float()  # [B] fp32
+    sparse, _, linear = kernels.salad_attention(q, k, v, selection, eps=eps, linear_scale=coeff, backend=backend)
+    out, linear = merge_heads(sparse), merge_heads(linear)  # views: the kernel writes [B, N, H, D]
+    w = _plain_weight(branch.proj, out)
+    for i in range(out.shape[0]):
+        out[i].addmm_(linear[i], w.t())
+    if branch.proj.bias is not None:
+        bias = branch.proj.bias.to(device=out.device, dtype=torch.float32)
+        out += (coeff[:, None] * bias).to(out.dtype)[:, None, :]
+    return out, gate

@@ -9,6 +9,7 @@ from dataclasses import dataclass
 import torch
 
 import kernels
+from kernels.registry import resolve_backend
 
 from .config import HeadWindow, SaladConfig, default_head_windows
 from .stats import SaladStats
@@ -24,6 +25,7 @@ class CallInfo:
     grid: tuple[int, int, int] | None = None
     step: int | None = None
     dense: bool = False
+    fused: bool = False  # fused GPU kernels for this call (SaladRuntime.fused_kernels)
 
 
 class SaladRuntime:
@@ -34,15 +36,27 @@ class SaladRuntime:
         self.source = source
         self.stats = SaladStats(info.num_layers)
         self._stswa_cache: dict = {}
+        self._windows_cache: dict = {}
 
     # -- per call ---------------------------------------------------------------------------
     def call_info(self, transformer_options: dict) -> CallInfo:
         return transformer_options.get(CALL_KEY) or CallInfo()
 
-    def make_call_info(self, grid, transformer_options: dict) -> CallInfo:
+    def make_call_info(self, grid, transformer_options: dict, device=None) -> CallInfo:
         step = step_index(transformer_options)
         dense = step is not None and step < self.config.dense_steps
-        return CallInfo(grid=grid, step=step, dense=dense)
+        fused = device is not None and self.fused_kernels(torch.device(device))
+        return CallInfo(grid=grid, step=step, dense=dense, fused=fused)
+
+    def fused_kernels(self, device: torch.device) -> bool:
+        """Whether the hot path uses the fused kernels (q/k norm + RoPE in one pass, both
+        branches in one kernel): on CUDA when the Triton backend runs, on CPU only when
+        'triton' is forced (interpreter tests). Decided once per call, outside the layers,
+        so compiled layers see a plain bool."""
+        backend = self.config.backend
+        if device.type != "cuda" and backend != "triton":
+            return False
+        return resolve_backend("qk_norm_rope", backend, device) == "triton"
 
     def linear_active(self, layer: int) -> bool:
         return layer in self.linear_layers
@@ -73,7 +87,9 @@ class SaladRuntime:
         cfg = self.config
         if cfg.windows is not None:
             return cfg.windows[layer]
-        return default_head_windows(self.info.num_heads, n_blocks, cfg.block_size, cfg.sparsity)
+        if n_blocks not in self._windows_cache:  # a search over radii: once per length
+            self._windows_cache[n_blocks] = default_head_windows(self.info.num_heads, n_blocks, cfg.block_size, cfg.sparsity)
+        return self._windows_cache[n_blocks]
 
     # -- stats ------------------------------------------------------------------------------
     def timed(self, layer: int):
