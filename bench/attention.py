@@ -140,12 +140,14 @@ def run_shape(name, args, ctx):
     record(ctx, dense_case, "extra_mem_x_q", peak_extra_bytes(dense) / q_bytes)
 
     temporal = torch.arange(h) % 2 == 1
-    for sparsity in (90, 95):
+    for sparsity in args.sparsities:
         topk = topk_for(nb, sparsity)
         window = window_for(nb, sparsity)
         sel_topk = kernels.select_topk_blocks(q, k, BLOCK, topk, backend="triton")
         sel_sw = kernels.sliding_window_blocks(b, grid, BLOCK, torch.tensor([window] * h), temporal, dev, backend="triton")
         for mode, sel in (("topk", sel_topk), ("stswa", sel_sw)):
+            if mode not in args.modes:
+                continue
             tag = f"{mode}_{sparsity}"
             try:
                 meas = 100 * sel.sparsity()
@@ -159,6 +161,8 @@ def run_shape(name, args, ctx):
 
                 # FlexAttention on exactly this mask (permutation done outside the timing).
                 try:
+                    if args.no_flex:
+                        raise RuntimeError("skipped (--no-flex)")
                     bm = block_mask_from_selection(sel)
                     qw, kw, vw = (to_working_order(t, sel.token_order).contiguous() for t in (qc, kc, vc))
                     flex_ms = time_ms(lambda: flex_call(qw, kw, vw, bm, d**-0.5, BLOCK), reps)
@@ -188,9 +192,9 @@ def run_shape(name, args, ctx):
                     out, _, out_l = kernels.salad_attention(q, k, v, s, linear_scale=gate, backend="triton")
                     o = out.transpose(1, 2).reshape(b, n, c)  # free: out keeps Wan's layout
                     o_l = out_l.transpose(1, 2).reshape(b, n, c)
+                    o.add_(b_proj * gate.to(dtype).view(b, 1, 1))  # gate * proj bias
                     for i in range(b):
-                        o[i].add_(b_proj * gate[i].to(dtype))
-                        o[i].addmm_(o_l[i], w_proj.t())
+                        o[i].addmm_(o_l[i], w_proj.t())  # O_s + (gate * O_l) W_p^T, in place
                     return o
 
                 def full_unfused(mode=mode, sel=sel, topk=topk):
@@ -206,6 +210,11 @@ def run_shape(name, args, ctx):
                 record(ctx, f"salad_full_{tag}", "ms", full_ms, sparsity=round(meas, 2))
                 record(ctx, f"salad_full_{tag}", "extra_mem_x_q", peak_extra_bytes(full) / q_bytes)
                 record(ctx, f"salad_full_{tag}_unfused", "ms", time_ms(full_unfused, reps), sparsity=round(meas, 2))
+                bsa_triton.FUSE_LINEAR_EPILOGUE = True
+                try:
+                    record(ctx, f"salad_full_{tag}_epilogue", "ms", time_ms(full, reps), sparsity=round(meas, 2))
+                finally:
+                    bsa_triton.FUSE_LINEAR_EPILOGUE = False
                 if mode == "topk":
                     record(ctx, f"select_{tag}", "ms",
                            time_ms(lambda topk=topk: kernels.select_topk_blocks(q, k, BLOCK, topk, backend="triton"), reps))
@@ -259,6 +268,7 @@ def profile(fn, label, args):
 def write_outputs(args, device_tag):
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
+    device_tag = device_tag + args.tag
     (out / f"attention-{device_tag}.json").write_text(json.dumps(RECORDS, indent=1) + "\n")
     lines = [
         f"# attention benchmark — {RECORDS[0]['device']} — commit {RECORDS[0]['commit'][:10]} — {RECORDS[0]['date']}",
@@ -290,6 +300,10 @@ def main():
     ap.add_argument("--sweep", action="store_true")
     ap.add_argument("--profile", action="store_true")
     ap.add_argument("--check", action="store_true")
+    ap.add_argument("--no-flex", action="store_true")
+    ap.add_argument("--sparsities", default="90,95", type=lambda t: [int(x) for x in t.split(",")])
+    ap.add_argument("--modes", default="topk,stswa", type=lambda t: t.split(","))
+    ap.add_argument("--tag", default="", help="suffix for the result file stem, e.g. -run3")
     args = ap.parse_args()
     Path(args.out).mkdir(parents=True, exist_ok=True)
     name = torch.cuda.get_device_name()

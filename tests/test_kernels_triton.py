@@ -157,7 +157,11 @@ def test_stswa_token_order_cpu(dtype):
 
 
 @cpu_only
-def test_fused_salad_attention_cpu():
+@pytest.mark.parametrize("epilogue", [False, True], ids=["separate", "epilogue"])
+def test_fused_salad_attention_cpu(epilogue, monkeypatch):
+    from kernels.block_sparse_attn import triton as bsa_t
+
+    monkeypatch.setattr(bsa_t, "FUSE_LINEAR_EPILOGUE", epilogue)
     grid, bs, b, h = (3, 4, 10), 16, 2, 2
     q, k, v = wan_qkv(b, h, 120, 64, torch.bfloat16, "cpu", seed=11)
     sel = stswa(b, h, grid, bs, "cpu", [16, 40])
@@ -254,11 +258,16 @@ def test_stswa_gpu(heads, d, dtype):
         check_attention(q, k, v, sel)
     finally:
         bsa_t.ORDER_MODE = old
-    out, lse, out_l = kernels.salad_attention(q, k, v, sel, backend="triton")
     ref_lin = linear_attention_naive(q.double(), k.double(), v.double())
-    assert rel(out_l, ref_lin) <= 2 * rel(linear_attention_torch(q, k, v), ref_lin) + 1e-6
-    out2, _ = kernels.block_sparse_attention(q, k, v, sel, backend="triton")
-    assert torch.equal(out, out2)
+    for epilogue in (False, True):
+        bsa_t.FUSE_LINEAR_EPILOGUE = epilogue
+        try:
+            out, lse, out_l = kernels.salad_attention(q, k, v, sel, backend="triton")
+        finally:
+            bsa_t.FUSE_LINEAR_EPILOGUE = False
+        assert rel(out_l, ref_lin) <= 2 * rel(linear_attention_torch(q, k, v), ref_lin) + 1e-6
+        out2, _ = kernels.block_sparse_attention(q, k, v, sel, backend="triton")
+        assert torch.equal(out, out2)
 
 
 @gpu_only
@@ -277,10 +286,25 @@ def test_torch_compile_gpu():
 
 
 @cpu_only
-def test_fused_linear_scale_cpu():
+@pytest.mark.parametrize("epilogue", [False, True], ids=["separate", "epilogue"])
+def test_fused_linear_scale_cpu(epilogue, monkeypatch):
+    from kernels.block_sparse_attn import triton as bsa_t
+
+    monkeypatch.setattr(bsa_t, "FUSE_LINEAR_EPILOGUE", epilogue)
     q, k, v = wan_qkv(2, 2, 70, 32, torch.float16, "cpu", seed=13)
     sel = kernels.select_topk_blocks(q, k, 16, 2, backend="triton")
     scale = torch.tensor([0.25, 1.5])
     _, _, out_l = kernels.salad_attention(q, k, v, sel, linear_scale=scale, backend="triton")
     _, _, ref_l = kernels.salad_attention(q, k, v, sel, linear_scale=scale, backend="torch")
     torch.testing.assert_close(out_l, ref_l, rtol=2e-3, atol=2e-3)
+
+
+@cpu_only
+@pytest.mark.parametrize("impl", ["torch", "triton"])
+def test_topk_impls_cpu(impl, monkeypatch):
+    from kernels.block_select import triton as sel_t
+
+    monkeypatch.setattr(sel_t, "TOPK_IMPL", impl)
+    q, k, _ = wan_qkv(2, 3, 170, 64, torch.bfloat16, "cpu", seed=17)
+    for topk in (1, 4, 50):
+        check_topk(q, k, 16, topk)

@@ -8,8 +8,8 @@ Per-head token orders (ST-SWA temporal heads) are handled by a fused gather: the
 q/k/v rows through ``token_order`` and scatters output rows back, so no permuted copy of the
 tensors is made (``ORDER_MODE = "permute"`` switches to explicit copies, for benchmarking).
 
-Optionally (``state`` given) the same program also applies the linear branch to the q tile it
-already holds: out_lin = relu(q) S / (relu(q) z + eps), written to a second output.
+Optionally (``linear`` given, FUSE_LINEAR_EPILOGUE) the same program also applies the linear
+branch to the q tile it already holds: out_lin = relu(q) S / (relu(q) z + eps), written to a second output.
 """
 
 from __future__ import annotations
@@ -35,6 +35,11 @@ def interpreting() -> bool:
 NUM_WARPS = {16: 4, 32: 4, 64: 4, 128: 8}
 NUM_STAGES = 3
 
+# Apply the linear branch in the sparse kernel's epilogue. Off: with a 3xTF32 epilogue the
+# fused kernel ran 3.37 ms vs 1.75 ms unfused (1.3B topk 90, H100): register pressure slowed
+# the main loop. Re-measure with the hi/lo 16-bit epilogue before turning it on.
+FUSE_LINEAR_EPILOGUE = False
+
 # Tests set this: outputs start as NaN so an unwritten element can't pass.
 POISON_OUTPUTS = False
 
@@ -57,11 +62,11 @@ ORDER_MODE = "gather"
 
 @triton.jit
 def _bsa_fwd_kernel(
-    Q, K, V, O, LSE, KVI, KVC, ORDER, S, Z, OL, LSCALE,
+    Q, K, V, O, LSE, KVI, KVC, ORDER, SHI, SLO, Z, EPS, OL, LSCALE,
     sqb, sqh, sqn, skb, skh, skn, svb, svh, svn, sob, soh, son,
     slb, slh, s_ib, s_ih, s_im, s_cb, s_ch, s_oh,
     solb, solh, soln,
-    H, N, qk_scale, eps,
+    H, N, qk_scale,
     BS: tl.constexpr, D: tl.constexpr, DV: tl.constexpr,
     HAS_ORDER: tl.constexpr, HAS_LINEAR: tl.constexpr, HAS_LSCALE: tl.constexpr,
     DOT_F32: tl.constexpr,
@@ -124,12 +129,16 @@ def _bsa_fwd_kernel(
     tl.store(LSE + b * slb + h * slh + rows_m, lse, mask=m_ok)
 
     if HAS_LINEAR:
-        fq = tl.maximum(q.to(tl.float32), 0.0)
-        sbh = S + bh * D * DV
-        state = tl.load(sbh + offs_d[:, None] * DV + offs_dv[None, :])
+        fq = tl.maximum(q, 0.0).to(q.dtype)
+        s_off = bh * D * DV + offs_d[:, None] * DV + offs_dv[None, :]
+        hi = tl.load(SHI + s_off)
+        lo = tl.load(SLO + s_off)
+        if DOT_F32:
+            num = tl.dot(fq.to(tl.float32), hi.to(tl.float32)) + tl.dot(fq.to(tl.float32), lo.to(tl.float32))
+        else:
+            num = tl.dot(fq, hi) + tl.dot(fq, lo)
         z = tl.load(Z + bh * D + offs_d)
-        num = tl.dot(fq, state, input_precision="tf32x3")
-        den = tl.sum(fq * z[None, :], 1) + eps
+        den = tl.sum(fq.to(tl.float32) * z[None, :], 1) + tl.load(EPS + bh)
         ol = num / den[:, None]
         if HAS_LSCALE:
             ol = ol * tl.load(LSCALE + b).to(tl.float32)
@@ -141,8 +150,8 @@ def _rowmajor(x: torch.Tensor) -> torch.Tensor:
     return x if x.stride(-1) == 1 else x.contiguous()
 
 
-def _launch(q, k, v, selection: BlockSelection, scale, order, state=None, z=None, eps=0.0,
-            linear_scale=None):
+def _launch(q, k, v, selection: BlockSelection, scale, order, linear=None, linear_scale=None):
+    """linear: optional (hi, lo, z/c, eps/c) from linear_attn.triton.linear_prepare."""
     b, h, n, d = q.shape
     dv = v.shape[-1]
     bs = selection.block_size
@@ -157,7 +166,7 @@ def _launch(q, k, v, selection: BlockSelection, scale, order, state=None, z=None
     has_order = order is not None
     if has_order:
         order = order.contiguous()
-    has_linear = state is not None
+    has_linear = linear is not None
     out_l = out_like(q, dv) if has_linear else out
     if POISON_OUTPUTS:
         for t in (out, lse, out_l):
@@ -167,8 +176,7 @@ def _launch(q, k, v, selection: BlockSelection, scale, order, state=None, z=None
     _bsa_fwd_kernel[grid](
         q, k, v, out, lse, kvi, kvc,
         order if has_order else dummy,
-        state if has_linear else dummy,
-        z if has_linear else dummy,
+        *(linear if has_linear else (dummy,) * 4),
         out_l,
         linear_scale if linear_scale is not None else dummy,
         q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), k.stride(2),
@@ -176,7 +184,7 @@ def _launch(q, k, v, selection: BlockSelection, scale, order, state=None, z=None
         lse.stride(0), lse.stride(1), kvi.stride(0), kvi.stride(1), kvi.stride(2),
         kvc.stride(0), kvc.stride(1), order.stride(0) if has_order else 0,
         out_l.stride(0), out_l.stride(1), out_l.stride(2),
-        h, n, float(scale) * LOG2E, float(eps),
+        h, n, float(scale) * LOG2E,
         BS=bs, D=d, DV=dv, HAS_ORDER=has_order, HAS_LINEAR=has_linear,
         HAS_LSCALE=linear_scale is not None, DOT_F32=interpreting(),
         num_warps=NUM_WARPS.get(bs, 4), num_stages=NUM_STAGES,
@@ -221,20 +229,23 @@ def salad_attention_triton(
     eps: float = 1e-6,
     linear_scale: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Sparse branch and linear branch in one pass over q: (out_sparse, lse, out_linear).
+    """Sparse branch and linear branch: (out_sparse, lse, out_linear).
 
-    linear_scale: optional fp32 [B] multiplying out_linear per sample (e.g. lambda*s_l*gate)."""
-    from ..linear_attn.triton import linear_state_triton  # noqa: PLC0415 (circular)
+    linear_scale: optional fp32 [B] multiplying out_linear per sample (e.g. lambda*s_l*gate).
+    FUSE_LINEAR_EPILOGUE applies the linear state in the sparse kernel's epilogue (one read of
+    q) instead of a separate apply kernel."""
+    from ..linear_attn.triton import linear_apply_triton, linear_prepare, linear_state_triton
 
     _check(q, k, v, selection)
     scale = q.shape[-1] ** -0.5 if scale is None else scale
-    state, z = linear_state_triton(k, v)
     if linear_scale is not None:
         linear_scale = linear_scale.to(torch.float32).contiguous()
-    out, lse, out_l = _launch(
-        q, k, v, selection, scale, selection.token_order, state, z, eps, linear_scale
-    )
-    return out, lse, out_l
+    state, z = linear_state_triton(k, v)
+    if FUSE_LINEAR_EPILOGUE and (selection.token_order is None or ORDER_MODE == "gather"):
+        linear = linear_prepare(state, z, eps, q.dtype)
+        return _launch(q, k, v, selection, scale, selection.token_order, linear, linear_scale)
+    out, lse = block_sparse_attention_triton(q, k, v, selection, scale)
+    return out, lse, linear_apply_triton(q, state, z, eps, linear_scale)
 
 
 __all__ = ["block_sparse_attention_triton", "salad_attention_triton"]
