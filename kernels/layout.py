@@ -14,14 +14,25 @@ def out_like(q: torch.Tensor, dv: int, dtype: torch.dtype | None = None) -> torc
     """
     b, h, n, _ = q.shape
     dtype = q.dtype if dtype is None else dtype
-    if h > 1 and n > 1 and q.stride(1) < q.stride(2):
+    if _wan_layout(q):
         return torch.empty(b, n, h, dv, dtype=dtype, device=q.device).transpose(1, 2)
     return torch.empty(b, h, n, dv, dtype=dtype, device=q.device)
 
 
+def _wan_layout(q: torch.Tensor) -> bool:
+    b, h, n, _ = q.shape
+    return h > 1 and n > 1 and q.stride(1) < q.stride(2)
+
+
 def into_layout(x: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
-    """x if it already has ``out_like(like)``'s strides, else a copy laid out that way."""
-    target = out_like(like, x.shape[-1], x.dtype)
-    if x.stride() == target.stride():
+    """x if it already has ``out_like(like)``'s strides, else a copy laid out that way.
+
+    Checks strides without allocating (an extra output-sized buffer would double peak memory)."""
+    b, h, n, dv = x.shape
+    if _wan_layout(like):
+        want = (n * h * dv, dv, h * dv, 1)
+    else:
+        want = (h * n * dv, n * dv, dv, 1)
+    if x.stride() == want or x.numel() == 0:
         return x
-    return target.copy_(x)
+    return out_like(like, dv, x.dtype).copy_(x)
