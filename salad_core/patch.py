@@ -114,6 +114,8 @@ def _diffusion_model_wrapper(runtime: SaladRuntime):
     def wrapper(executor, x, timestep, context, clip_fea=None, time_dim_concat=None, transformer_options={}, **kwargs):
         grid = latent_grid(x, executor.class_obj.patch_size, time_dim_concat)
         call = runtime.make_call_info(grid, transformer_options, x.device)
+        if not call.dense:
+            runtime.prepare_selections(grid, x.shape[0], x.device)
         runtime.stats.begin_call(call.step, call.dense)
         # A copy, so nothing SALAD adds outlives this call.
         options = {**transformer_options, CALL_KEY: call}

@@ -75,13 +75,25 @@ class SaladRuntime:
                 f"ST-SWA, got grid {grid}. Try sparse_mode 'topk' for this model or input "
                 "(e.g. reference latents add tokens outside the video grid)."
             )
-        windows = self.head_windows(layer, nb)
-        key = (windows, grid, b, q.device, cfg.block_size)
+        return self._stswa_selection(layer, grid, b, q.device)
+
+    def _stswa_selection(self, layer: int, grid, batch: int, device) -> kernels.BlockSelection:
+        cfg = self.config
+        windows = self.head_windows(layer, kernels.num_blocks(grid[0] * grid[1] * grid[2], cfg.block_size))
+        key = (windows, grid, batch, torch.device(device), cfg.block_size)
         if key not in self._stswa_cache:
             sizes = torch.tensor([w.window for w in windows])
             temporal = torch.tensor([w.kind == "temporal" for w in windows])
-            self._stswa_cache[key] = kernels.sliding_window_blocks(b, grid, cfg.block_size, sizes, temporal, q.device)
+            self._stswa_cache[key] = kernels.sliding_window_blocks(batch, grid, cfg.block_size, sizes, temporal, device)
         return self._stswa_cache[key]
+
+    def prepare_selections(self, grid, batch: int, device) -> None:
+        """Build the static ST-SWA selections before the layers run (once per grid), so the
+        layers only look them up: no work, and nothing for torch.compile to trace."""
+        if self.config.sparse_mode != "st_swa" or grid is None:
+            return
+        for layer in range(self.info.num_layers):
+            self._stswa_selection(layer, grid, batch, device)
 
     def head_windows(self, layer: int, n_blocks: int) -> tuple[HeadWindow, ...]:
         cfg = self.config
@@ -92,11 +104,15 @@ class SaladRuntime:
         return self._windows_cache[n_blocks]
 
     # -- stats ------------------------------------------------------------------------------
+    # Not while torch.compile traces: host timers, events and Python lists would break the
+    # graph; compiled runs report no attention time or gates.
     def timed(self, layer: int):
-        return self.stats.timed() if self.stats.active else contextlib.nullcontext()
+        if self.stats.active and not torch.compiler.is_compiling():
+            return self.stats.timed()
+        return contextlib.nullcontext()
 
     def record(self, layer: int, selection: kernels.BlockSelection, gate: torch.Tensor | None) -> None:
-        if self.stats.active:
+        if self.stats.active and not torch.compiler.is_compiling():
             self.stats.record_layer(layer, selection, gate)
 
 

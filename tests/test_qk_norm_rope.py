@@ -122,3 +122,34 @@ def test_patched_wan_fused_backend_matches_torch_backend(tiny_wan_path, load_wan
     outs = [run_wan(apply_salad(base, SaladConfig(block_size=16, sparsity=0.5, backend=be), w), inputs)
             for be in ("torch", "triton")]
     assert rel(outs[1], outs[0]) < 1e-4, rel(outs[1], outs[0])
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("mode,backend", [("topk", "triton"), ("st_swa", "triton"), ("topk", "torch")])
+def test_salad_block_traces_without_graph_breaks(tiny_wan_path, load_wan, mode, backend):
+    """torch.compile (ComfyUI's compile node compiles the diffusion model) sees one graph per
+    SALAD self-attention call: stats, selection cache and the fused ops stay traceable."""
+    import torch._dynamo
+
+    from salad_core import SaladConfig, fresh_salad_weights, wan_info
+    from salad_core.patch import apply_salad, salad_runtime
+    from salad_core.runtime import CALL_KEY, CallInfo
+
+    base = load_wan(tiny_wan_path)
+    w = fresh_salad_weights(wan_info(base.model.diffusion_model))
+    w = type(w)(w.meta, {k: (torch.randn(t.shape) * 0.05 if ".salad.proj" in k or ".salad.gate" in k else t)
+                         for k, t in w.tensors.items()}, w.source)
+    m = apply_salad(base, SaladConfig(block_size=16, sparsity=0.5, sparse_mode=mode, backend=backend), w)
+    m.patch_model()
+    try:
+        attn = m.model.diffusion_model.blocks[0].self_attn
+        x = torch.randn(1, 192, 256)
+        freqs = m.model.diffusion_model.rope_encode(3, 16, 16, device=x.device, dtype=x.dtype)
+        opts = {CALL_KEY: CallInfo(grid=(3, 8, 8), step=0, fused=backend == "triton")}
+        salad_runtime(m).prepare_selections((3, 8, 8), 1, x.device)  # as the model wrapper does
+        with torch.no_grad():
+            explained = torch._dynamo.explain(attn)(x, freqs, transformer_options=opts)
+    finally:
+        m.unpatch_model()
+        torch._dynamo.reset()
+    assert explained.graph_break_count == 0, explained.break_reasons
