@@ -13,6 +13,7 @@ Gradient of the log-sum-exp output is included on the torch path and ignored on 
 
 from __future__ import annotations
 
+import functools
 import os
 
 import torch
@@ -65,10 +66,24 @@ def _bsa_backward(ctx, grad_out, grad_lse):
 _FLEX_BROKEN = False
 
 
-def _flex_grads(qd, kd, vd, selection, scale, grad_out):
-    from .block_sparse_attn.flex import block_sparse_attention_flex
+@functools.cache
+def _flex_train():
+    from torch.nn.attention.flex_attention import flex_attention
 
-    out, _ = block_sparse_attention_flex(qd, kd, vd, selection, scale)
+    return torch.compile(flex_attention, dynamic=False)
+
+
+def _flex_grads(qd, kd, vd, selection, scale, grad_out):
+    """FlexAttention fwd + its fused bwd on the same block mask. No kernel_options and no LSE
+    output: the forward path's BLOCK_M/BLOCK_N=64 + return_lse failed to lower for the backward
+    on H100 / torch 2.11 (bench/results/train-h100.md), so Flex picks its own tile sizes here."""
+    from .block_sparse_attn.flex import block_mask_from_selection
+    from .block_sparse_attn.naive import from_working_order, to_working_order
+
+    order = selection.token_order
+    qw, kw, vw = (to_working_order(t, order) for t in (qd, kd, vd))
+    out = _flex_train()(qw, kw, vw, block_mask=block_mask_from_selection(selection), scale=scale)
+    out = from_working_order(out, order)
     return _grads((out,), (qd, kd, vd), (grad_out,))
 
 

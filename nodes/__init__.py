@@ -4,8 +4,9 @@ pack's top-level ``__init__.py`` (ComfyUI owns the top-level name ``nodes``)."""
 from .apply import SaladApply
 from .calibrate import SaladCalibrate
 from .stats import SaladStats
+from .train import SaladTrain
 from .weights import SaladWeightsLoader
 
-NODE_LIST = [SaladApply, SaladWeightsLoader, SaladStats, SaladCalibrate]
+NODE_LIST = [SaladApply, SaladWeightsLoader, SaladStats, SaladCalibrate, SaladTrain]
 
-__all__ = ["NODE_LIST", "SaladApply", "SaladCalibrate", "SaladStats", "SaladWeightsLoader"]
+__all__ = ["NODE_LIST", "SaladApply", "SaladCalibrate", "SaladStats", "SaladTrain", "SaladWeightsLoader"]

@@ -1,0 +1,149 @@
+"""SALAD Train: make SALAD weights for a Wan2.1 model inside ComfyUI (single GPU / CPU).
+
+Modes: distillation from prompts (no videos: match the dense model on its own noised
+predictions), or from a folder prepared by ``python -m salad_core.train prepare`` (cached latents:
+distillation or the paper's flow-matching objective). Writes models/salad/<name>.safetensors.
+For multi-GPU or long runs use the CLI (README)."""
+
+from __future__ import annotations
+
+import os
+
+import comfy.model_management
+import torch
+import comfy.utils
+import folder_paths
+from comfy_api.latest import io, ui
+
+from salad_core.config import SPARSE_MODES
+from salad_core.train.data import CachedDataset
+from salad_core.train.model import DEFAULT_LORA_RANK, SaladTrainModel
+from salad_core.train.trainer import TrainConfig, Trainer
+from salad_core.wan import NotWanModelError, wan_info
+from salad_core.weights import SaladWeightsError, load_salad_weights
+
+from .weights import MODEL_FOLDER, SaladWeightsIO
+
+MODES = ("distill_prompts", "distill_latents", "flow_latents")
+TOOLTIPS = {
+    "model": "The stock Wan2.1 model (your finetune too), not a SALAD-patched one.",
+    "mode": ("distill_prompts: no videos needed, the SALAD model learns to match the dense model on your prompts. "
+             "distill_latents / flow_latents: a folder made by `python -m salad_core.train prepare` "
+             "(flow_latents = the paper's objective on real videos)."),
+    "positive": "Prompts for distill_prompts (CLIP Text Encode; every entry / batch row is one prompt).",
+    "data_dir": "Prepared data folder (for the *_latents modes).",
+    "steps": "Optimizer steps. Paper: 1600 at batch 8.",
+    "batch": "Samples per step (gradient accumulation, one at a time). Paper: 8.",
+    "learning_rate": "AdamW learning rate. Paper: 1e-4.",
+    "lora_rank": "LoRA rank on q/k/v/o. 256 = the paper's ~165M trainable parameters for 1.3B.",
+    "width": "Video width for distill_prompts.", "height": "Video height for distill_prompts.",
+    "length": "Frames for distill_prompts (4k + 1). Paper: 77.",
+    "output_name": "File name written into models/salad/ (.safetensors added).",
+}
+
+
+def _contexts(positive) -> list:
+    out = []
+    for cond, _ in positive or []:
+        for row in cond:
+            out.append({"latent": None, "context": row.float().cpu().clone()})
+    return out
+
+
+class SaladTrain(io.ComfyNode):
+    @classmethod
+    def define_schema(cls) -> io.Schema:
+        t = TOOLTIPS
+        return io.Schema(
+            node_id="SaladTrain",
+            display_name="SALAD Train",
+            category="SALAD",
+            description="Trains SALAD weights (linear branch, gate, scale, LoRA) for this Wan2.1 model and writes them to models/salad/.",
+            inputs=[
+                io.Model.Input("model", tooltip=t["model"]),
+                io.Combo.Input("mode", options=list(MODES), default="distill_prompts", tooltip=t["mode"]),
+                io.Conditioning.Input("positive", optional=True, tooltip=t["positive"]),
+                io.String.Input("data_dir", default="", optional=True, tooltip=t["data_dir"]),
+                io.Int.Input("steps", default=400, min=1, max=100000, tooltip=t["steps"]),
+                io.Int.Input("batch", default=8, min=1, max=256, tooltip=t["batch"]),
+                io.Float.Input("learning_rate", default=1e-4, min=1e-7, max=1e-1, step=1e-5, tooltip=t["learning_rate"]),
+                io.Int.Input("lora_rank", default=DEFAULT_LORA_RANK, min=0, max=1024, tooltip=t["lora_rank"]),
+                io.Combo.Input("sparse_mode", options=list(SPARSE_MODES), default="topk"),
+                io.Float.Input("sparsity", default=0.9, min=0.0, max=0.99, step=0.01),
+                io.Int.Input("width", default=832, min=16, max=4096, step=16, tooltip=t["width"]),
+                io.Int.Input("height", default=480, min=16, max=4096, step=16, tooltip=t["height"]),
+                io.Int.Input("length", default=77, min=1, max=1001, step=4, tooltip=t["length"]),
+                io.String.Input("output_name", default="salad_trained", tooltip=t["output_name"]),
+                io.Boolean.Input("overwrite", default=False),
+                io.Int.Input("seed", default=0, min=0, max=2**31 - 1),
+            ],
+            outputs=[SaladWeightsIO.Output(display_name="salad_weights"), io.String.Output(display_name="summary")],
+            is_output_node=True,
+        )
+
+    @classmethod
+    def execute(cls, model, mode, steps, batch, learning_rate, lora_rank, sparse_mode, sparsity, width, height,
+                length, output_name, overwrite, seed, positive=None, data_dir="") -> io.NodeOutput:
+        try:
+            path = _output_path(output_name)
+            if os.path.exists(path) and not overwrite:
+                raise FileExistsError(f"{path}: Expected a new file name, got an existing file. Try another "
+                                      "output_name or switch overwrite on.")
+            dm = getattr(getattr(model, "model", None), "diffusion_model", None)
+            wan_info(dm, source="the MODEL input")
+            if mode == "distill_prompts":
+                dataset = _contexts(positive)
+                if not dataset:
+                    raise ValueError("Expected prompts in 'positive' for distill_prompts, got none. Try connecting CLIP Text Encode.")
+            else:
+                dataset = CachedDataset(data_dir)
+            cfg = TrainConfig(objective="flow" if mode == "flow_latents" else "distill", steps=steps,
+                              global_batch=batch, micro_batch=1, lr=learning_rate, lora_rank=lora_rank,
+                              sparse_mode=sparse_mode, sparsity=sparsity, frames=length, height=height, width=width,
+                              seed=seed, out=os.path.join(folder_paths.get_temp_directory(), "salad_train"),
+                              save_every=0, export_every=0)
+            comfy.model_management.load_models_gpu([model], force_full_load=True)
+            device = comfy.model_management.get_torch_device()
+            bar = comfy.utils.ProgressBar(steps)
+            # ComfyUI runs nodes under inference_mode; weights loaded there cannot be saved for
+            # backward, so they become normal tensors (same values, same storage size).
+            with torch.inference_mode(False), torch.enable_grad():
+                _uninference(dm)
+                train_model = SaladTrainModel(dm, cfg.salad_config(), lora_rank, True, True)
+                try:
+                    trainer = Trainer(cfg, model=train_model, dataset=dataset,
+                                      model_sampling=model.get_model_object("model_sampling"), device=device,
+                                      progress=lambda step, total, loss: bar.update_absolute(step, total))
+                    losses = trainer.run(steps)
+                    weights = train_model.export_weights(trainer.step)
+                finally:
+                    train_model.restore()
+            from salad_core.weights import save_salad_weights
+
+            save_salad_weights(weights, path, overwrite=overwrite)
+            weights = load_salad_weights(path)
+        except (SaladWeightsError, NotWanModelError, FileExistsError, FileNotFoundError, ValueError) as exc:
+            raise ValueError(str(exc)) from None
+        folder_paths.filename_list_cache.pop(MODEL_FOLDER, None)
+        summary = (f"SALAD Train: {mode}, {steps} steps x batch {batch}, loss {losses[0]:.4g} -> {losses[-1]:.4g}; "
+                   f"wrote {path}")
+        return io.NodeOutput(weights, summary, ui=ui.PreviewText(summary))
+
+
+def _uninference(module) -> None:
+    for m in module.modules():
+        for name, p in list(m._parameters.items()):
+            if p is not None and p.is_inference():
+                m._parameters[name] = torch.nn.Parameter(p.clone(), requires_grad=False)
+        for name, b in list(m._buffers.items()):
+            if b is not None and b.is_inference():
+                m._buffers[name] = b.clone()
+
+
+def _output_path(output_name: str) -> str:
+    name = output_name.strip()
+    if not name or os.path.basename(name) != name or name.startswith("."):
+        raise ValueError(f"Expected a plain file name for output_name, got {output_name!r}. Try 'salad_trained'.")
+    if not name.endswith(".safetensors"):
+        name += ".safetensors"
+    return os.path.join(folder_paths.get_folder_paths(MODEL_FOLDER)[0], name)
