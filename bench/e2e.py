@@ -288,7 +288,7 @@ def run(args, ctx):
             attn_ms = timer.ms() / args.attn_steps
             record(ctx, "dense_comfy", "attn_ms_per_step", attn_ms, share=round(attn_ms / 1000 / st.mean_step_s(), 4))
         for case, make, note in configs(args, info):
-            if flag and case != "salad_full_topk_90" or args.cases and not any(case.startswith(c) for c in args.cases.split(",")):
+            if flag and case != "salad_full_topk_90" or args.cases and case not in args.cases.split(","):
                 continue  # compiled: dense vs the main SALAD configuration only
             if make is None:
                 print(f"# {case}: not run ({note})", flush=True)
@@ -323,7 +323,7 @@ def main():
     ap.add_argument("--warmup", type=int, default=2)
     ap.add_argument("--compile", action="store_true", help="also dense vs SALAD through ComfyUI's torch.compile path")
     ap.add_argument("--no-sage", action="store_true")
-    ap.add_argument("--cases", default="", help="comma-separated case prefixes to run besides dense (default: all)")
+    ap.add_argument("--cases", default="", help="comma-separated cases to run besides dense (default: all)")
     ap.add_argument("--attn-steps", type=int, default=2, help="steps of the extra dense run that times attention (0: skip)")
     ap.add_argument("--out", default=str(REPO / "bench" / "results"))
     ap.add_argument("--tag", default=None, help="file tag (default: h100/h200/cpu)")
@@ -343,6 +343,9 @@ def main():
         RECORDS.extend(r for r in json.loads(prev.read_text()) if r["shape"] != SHAPES[args.model][1])
     ctx = {"device": name, "commit": git_sha(), "date": datetime.date.today().isoformat(), "shape": SHAPES[args.model][1]}
     torch.backends.cuda.matmul.allow_tf32 = False
+    import signal
+
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit("# stopped by SIGTERM (timeout): writing what was measured"))
     with torch.inference_mode():
         try:
             run(args, ctx)

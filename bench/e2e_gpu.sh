@@ -10,8 +10,11 @@ $PY -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade
 nvidia-smi --query-gpu=name,driver_version,clocks.sm,clocks.max.sm,temperature.gpu,memory.used --format=csv | tee "$OUT/e2e-gpu.txt"
 timeout "${TEST_TIMEOUT:-90}" $PY -m pytest tests/test_qk_norm_rope.py -q -m gpu -p no:cacheprovider -rs 2>&1 | tee -a "$OUT/e2e-gpu.txt" | tail -5
 for m in ${MODELS:-1.3b}; do
-  case $m in 14b) S=${STEPS_14B:-3}; W=1 ;; *) S=${STEPS:-10}; W=2 ;; esac
-  timeout "${BENCH_TIMEOUT:-400}" $PY bench/e2e.py --model "$m" --steps "$S" --warmup "$W" --out "$OUT" "$@" 2>&1 \
+  case $m in
+    14b) A=(--steps "${STEPS_14B:-3}" --warmup 1 --attn-steps 1 --cases "${CASES_14B:-salad_full_topk_90,salad_full_topk_90_drop20,salad_full_stswa_90}"); T=${TIMEOUT_14B:-220} ;;
+    *) A=(--steps "${STEPS:-10}" --warmup 1); T=${TIMEOUT_13B:-200} ;;
+  esac
+  timeout -s TERM "$T" $PY bench/e2e.py --model "$m" "${A[@]}" --out "$OUT" "$@" 2>&1 \
     | tee "$OUT/e2e-$m.log" | grep -v '^{' | grep -v 'torchaudio missing' | tail -25
 done
 cat "$OUT"/e2e-h*.md 2>/dev/null | tail -20
