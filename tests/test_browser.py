@@ -186,7 +186,7 @@ def test_salad_workflow_in_the_frontend(server, page):
     _close_dialogs(pg, wait_s=2)
     pg.evaluate("""() => {  // readable zoom (below ~0.6 LiteGraph stops drawing widget text), loaders..save in view
         const c = window.app.canvas;
-        c.ds.scale = 0.7; c.ds.offset = [40, 150];
+        c.ds.scale = 0.68; c.ds.offset = [110, 140];
         c.setDirty(true, true);
     }""")
     pg.wait_for_timeout(800)
