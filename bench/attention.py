@@ -185,6 +185,8 @@ def run_shape(name, args, ctx):
                     bsa_triton.ORDER_MODE = "permute"
                     record(ctx, f"salad_sparse_{tag}_permute", "ms", time_ms(sparse, reps), sparsity=round(meas, 2))
                     bsa_triton.ORDER_MODE = "gather"
+                    record(ctx, f"salad_sparse_{tag}_gather", "ms", time_ms(sparse, reps), sparsity=round(meas, 2))
+                    bsa_triton.ORDER_MODE = "auto"
 
                 def full(mode=mode, sel=sel, topk=topk):
                     s = kernels.select_topk_blocks(q, k, BLOCK, topk, backend="triton") if mode == "topk" else sel
@@ -230,7 +232,7 @@ def run_shape(name, args, ctx):
 
                 print(f"# FAILED {name} {tag}: {type(exc).__name__}: {exc}", flush=True)
                 traceback.print_exc()
-                bsa_triton.ORDER_MODE = "gather"
+                bsa_triton.ORDER_MODE = "auto"
     del q, k, v, x, qc, kc, vc
     torch.cuda.empty_cache()
 

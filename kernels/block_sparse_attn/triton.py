@@ -6,7 +6,7 @@ the natural-log LSE. bf16/fp16 in, fp32 accumulate.
 
 Per-head token orders (ST-SWA temporal heads) are handled by a fused gather: the kernel reads
 q/k/v rows through ``token_order`` and scatters output rows back, so no permuted copy of the
-tensors is made (``ORDER_MODE = "permute"`` switches to explicit copies, for benchmarking).
+tensors is made (``ORDER_MODE``: "gather", "permute" = explicit copies, "auto" = by size).
 
 Optionally (``linear`` given, FUSE_LINEAR_EPILOGUE) the same program also applies the linear
 branch to the q tile it already holds: out_lin = relu(q) S / (relu(q) z + eps), written to a second output.
@@ -55,9 +55,12 @@ def cast_out(x, dtype: tl.constexpr, EMULATE_RNE: tl.constexpr):
             x = bits.to(tl.float32, bitcast=True)
     return x.to(dtype)
 
-# "gather": index q/k/v rows through token_order inside the kernel (default, measured faster);
-# "permute": copy q/k/v into each head's working order first, and the output back after.
-ORDER_MODE = "gather"
+# "gather": index q/k/v rows through token_order inside the kernel; "permute": copy q/k/v into
+# each head's working order first, and the output back after; "auto": gather below
+# PERMUTE_MIN_ELEMENTS elements of q, permute above. H100, stswa 90%: 1.3B shape gather 2.32 ms
+# vs permute 2.40 ms; 14B shape gather 35.2 ms vs permute 32.9 ms (scattered rows thrash L2).
+ORDER_MODE = "auto"
+PERMUTE_MIN_ELEMENTS = 200_000_000
 
 
 @triton.jit
@@ -212,7 +215,10 @@ def block_sparse_attention_triton(
     _check(q, k, v, selection)
     scale = q.shape[-1] ** -0.5 if scale is None else scale
     order = selection.token_order
-    if order is not None and ORDER_MODE == "permute":
+    mode = ORDER_MODE
+    if mode == "auto":
+        mode = "permute" if q.numel() >= PERMUTE_MIN_ELEMENTS else "gather"
+    if order is not None and mode == "permute":
         qw, kw, vw = (to_working_order(t, order) for t in (q, k, v))
         out, lse, _ = _launch(qw, kw, vw, selection, scale, None)
         return from_working_order(out, order), from_working_order(lse, order)
@@ -241,7 +247,7 @@ def salad_attention_triton(
     if linear_scale is not None:
         linear_scale = linear_scale.to(torch.float32).contiguous()
     state, z = linear_state_triton(k, v)
-    if FUSE_LINEAR_EPILOGUE and (selection.token_order is None or ORDER_MODE == "gather"):
+    if FUSE_LINEAR_EPILOGUE and (selection.token_order is None or ORDER_MODE != "permute"):
         linear = linear_prepare(state, z, eps, q.dtype)
         return _launch(q, k, v, selection, scale, selection.token_order, linear, linear_scale)
     out, lse = block_sparse_attention_triton(q, k, v, selection, scale)
