@@ -73,8 +73,8 @@ def backend_usable(backend: str, device: torch.device) -> bool:
         return True
     if backend == "triton":
         return triton_available() and (device.type == "cuda" or triton_interpreting())
-    if backend == "flex":
-        return flex_available() and device.type == "cuda"
+    if backend == "flex":  # compiled by Inductor, which needs Triton on CUDA
+        return flex_available() and triton_available() and device.type == "cuda"
     return False
 
 
