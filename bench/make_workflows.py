@@ -27,7 +27,8 @@ NEGATIVE = ("色调艳丽，过曝，静态，细节模糊不清，字幕，风�
 I2V_POSITIVE = "The subject slowly turns towards the camera and smiles, gentle wind, natural motion, cinematic"
 
 SALAD_DEFAULTS = [("sparse_mode", "topk"), ("sparsity", 0.90), ("topk", 0), ("gate_drop_percentile", 0.0),
-                  ("linear_scale", 1.0), ("dense_steps", 0), ("backend", "auto")]
+                  ("linear_scale", 1.0), ("dense_steps", 0), ("backend", "auto"),
+                  ("gate_drop_plan", "top")]
 
 NOTE = """## SALAD for Wan2.1 — {title}
 
@@ -36,13 +37,14 @@ skipped) plus a gated linear-attention branch. Bypass it (Ctrl+B) to sample dens
 
 | widget | meaning |
 |---|---|
-| sparse_mode | `topk` (block top-k, training-free) or `st_swa` (needs calibrated SALAD weights) |
+| sparse_mode | `topk` (block top-k) or `st_swa` (spatial/temporal windows: per head from SALAD Calibrate, uniform otherwise) |
 | sparsity | fraction of attention blocks skipped |
 | topk | key blocks per query block (0 = from sparsity) |
 | gate_drop_percentile | drop the linear branch in layers above this gate percentile (paper: 20) |
 | linear_scale | global λ on the linear branch |
 | dense_steps | first steps kept dense |
 | backend | auto / triton / flex / torch |
+| gate_drop_plan | which layers gate_drop_percentile drops: top (paper's best) / bottom / random |
 
 **SALAD Weights Loader**: `none (training-free)` or a trained file from `models/salad/`.
 **SALAD Stats** reports the measured sparsity.

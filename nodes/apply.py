@@ -6,7 +6,7 @@ from dataclasses import dataclass
 
 from comfy_api.latest import io
 
-from salad_core.config import BACKENDS, SPARSE_MODES, SaladConfig
+from salad_core.config import BACKENDS, DROP_PLANS, SPARSE_MODES, SaladConfig
 from salad_core.dropping import dropped_layers
 from salad_core.patch import apply_salad, salad_runtime
 from salad_core.wan import NotWanModelError, wan_info
@@ -40,6 +40,10 @@ TOOLTIPS = {
         "the paper finds values a little below 1 can help."
     ),
     "dense_steps": "The first N sampling steps use the stock dense attention (helps layout at high sparsity). 0 = none.",
+    "gate_drop_plan": (
+        "Which layers gate_drop_percentile drops: top = largest calibrated gates (the paper's best, Table 8), "
+        "bottom = smallest, random = a seeded random choice of the same count (for comparison)."
+    ),
     "backend": (
         "Kernel backend. auto picks triton -> flex -> torch by device; a forced backend that cannot run "
         "here falls back with a warning in the log."
@@ -61,7 +65,7 @@ class SaladNodeInfo:
 
 
 def build_config(sparse_mode="topk", sparsity=0.9, topk=0, gate_drop_percentile=0.0, linear_scale=1.0,
-                 dense_steps=0, backend="auto") -> SaladConfig:
+                 dense_steps=0, backend="auto", gate_drop_plan="top") -> SaladConfig:
     """SaladConfig from widget values (ValueError naming the widget on a bad value)."""
     return SaladConfig(
         sparse_mode=str(sparse_mode),
@@ -71,6 +75,7 @@ def build_config(sparse_mode="topk", sparsity=0.9, topk=0, gate_drop_percentile=
         linear_scale=float(linear_scale),
         dense_steps=int(dense_steps),
         backend=str(backend),
+        gate_drop_plan=str(gate_drop_plan),
     )
 
 
@@ -125,6 +130,8 @@ class SaladApply(io.ComfyNode):
                 io.Float.Input("linear_scale", default=1.0, min=0.0, max=4.0, step=0.05, tooltip=t["linear_scale"]),
                 io.Int.Input("dense_steps", default=0, min=0, max=1000, tooltip=t["dense_steps"]),
                 io.Combo.Input("backend", options=list(BACKENDS), default="auto", tooltip=t["backend"]),
+                io.Combo.Input("gate_drop_plan", options=list(DROP_PLANS), default="top", optional=True,
+                               tooltip=t["gate_drop_plan"]),
             ],
             outputs=[io.Model.Output(tooltip="The SALAD-patched model (a clone; the input is unchanged).")],
         )
@@ -141,7 +148,8 @@ class SaladApply(io.ComfyNode):
 
     @classmethod
     def execute(cls, model, sparse_mode: str, sparsity: float, topk: int, gate_drop_percentile: float,
-                linear_scale: float, dense_steps: int, backend: str, salad_weights=None) -> io.NodeOutput:
+                linear_scale: float, dense_steps: int, backend: str, salad_weights=None,
+                gate_drop_plan: str = "top") -> io.NodeOutput:
         # Everything is validated here, before any sampler runs: errors name the file/mismatch/fix.
         try:
             if salad_weights is not None and not isinstance(salad_weights, SaladWeights):
@@ -149,7 +157,8 @@ class SaladApply(io.ComfyNode):
                     f"Expected SALAD weights from 'SALAD Weights Loader' on salad_weights, got "
                     f"{type(salad_weights).__name__}. Try connecting a SALAD Weights Loader, or leave it unconnected."
                 )
-            config = build_config(sparse_mode, sparsity, topk, gate_drop_percentile, linear_scale, dense_steps, backend)
+            config = build_config(sparse_mode, sparsity, topk, gate_drop_percentile, linear_scale, dense_steps, backend,
+                                  gate_drop_plan)
             check_model(model)
             patched = apply_salad(model, config, salad_weights)
             patched.set_attachments(NODE_INFO_KEY, node_info(model, config, salad_weights, patched))
