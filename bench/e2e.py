@@ -135,6 +135,9 @@ class DenseAttentionTimer:
     def __init__(self, inner=None):
         self.inner, self.events = inner, []
 
+    def __deepcopy__(self, memo):  # ModelPatcher.clone() deep-copies model_options: stay shared
+        return self
+
     def __call__(self, func, q, k, v, *args, **kwargs):
         fn = self.inner or func
         if q.shape[1] != k.shape[1]:  # cross-attention (text keys)

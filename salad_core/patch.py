@@ -26,11 +26,14 @@ def self_attn_key(layer: int) -> str:
 
 
 def stock_self_attention(model_patcher, layer: int) -> torch.nn.Module:
-    """The stock module of a block, even if ``model_patcher`` already carries a SALAD patch."""
-    patched = model_patcher.object_patches.get(self_attn_key(layer))
-    if isinstance(patched, SaladSelfAttention):
-        return patched._stock_forward.__self__
-    return model_patcher.model.diffusion_model.blocks[layer].self_attn
+    """The stock module of a block, even if ``model_patcher`` already carries a SALAD patch or
+    the shared model is still patched by an earlier SALAD clone (ComfyUI leaves the last
+    sampled clone's patches on until the next load; wrapping that module instead of the
+    stock one chained every re-queue's SALAD modules and kept their weights alive)."""
+    module = model_patcher.get_model_object(self_attn_key(layer))  # patch, else backup, else model
+    while isinstance(module, SaladSelfAttention):
+        module = module._stock_forward.__self__
+    return module
 
 
 def apply_salad(model_patcher, config: SaladConfig, weights: SaladWeights | None = None):

@@ -153,3 +153,22 @@ def test_salad_block_traces_without_graph_breaks(tiny_wan_path, load_wan, mode, 
         m.unpatch_model()
         torch._dynamo.reset()
     assert explained.graph_break_count == 0, explained.break_reasons
+
+
+def test_reapplying_after_a_salad_run_wraps_the_stock_module(tiny_wan_path, load_wan, wan_inputs, run_wan):
+    """ComfyUI leaves the last sampled clone's patches on the shared model. A new SALAD Apply on
+    the base (a re-queue with a changed widget) must wrap the stock WanSelfAttention, not the
+    previous SALAD module (that chained modules and kept every old branch's weights alive)."""
+    from salad_core import SaladConfig
+    from salad_core.attention import SaladSelfAttention
+    from salad_core.patch import apply_salad, self_attn_key
+
+    base = load_wan(tiny_wan_path)
+    inputs = wan_inputs(base, frames=3, height=16, width=16)
+    first = apply_salad(base, SaladConfig(block_size=16, backend="torch"))
+    run_wan(first, inputs)
+    assert isinstance(base.model.diffusion_model.blocks[0].self_attn, SaladSelfAttention)  # still patched
+    second = apply_salad(base, SaladConfig(block_size=16, sparse_mode="st_swa", backend="torch"))
+    module = second.object_patches[self_attn_key(0)]
+    assert not isinstance(module._stock_forward.__self__, SaladSelfAttention)
+    run_wan(second, inputs)
