@@ -18,6 +18,7 @@ def _by_case(records):
             case["share"] = r.get("share")
         if r["metric"] == "peak_gib":
             case["model_gib"] = r.get("model_gib")
+            case["peak_note"] = r.get("note", "")
         if r["metric"] in ("not_run", "failed"):
             case["note"] = r.get("note", "")
     return shapes
@@ -50,13 +51,16 @@ def write_report(json_path: Path) -> None:
             if "peak_gib" in c and dense_peak is not None and c["case"] != "dense_comfy":
                 d = c["peak_gib"] - dense_peak
                 model = c.get("model_gib") or 0
-                extra = f"{d:+.2f}" + (f" ({100 * d / model:+.1f}%)" if model else "")
+                extra = f"{d:+.2f}" + (f" ({100 * d / model:+.1f}%)" if model else "") + (" *" if c.get("peak_note") else "")
             fmt = lambda k, f: (f.format(c[k]) if c.get(k) is not None else "")  # noqa: E731
             step = fmt("step_s", "{:.3f}") or ("not run" if "not_run" in c else "failed" if "failed" in c else "")
             lines.append(
                 f"| {shape} | {c['case']} | {step} | {fmt('speedup', '{:.2f}×')} | {fmt('attn_ms_per_step', '{:.1f}')} | "
                 f"{fmt('share', '{:.1%}')} | {fmt('peak_gib', '{:.2f}')} | {extra} | {fmt('rel_l2', '{:.3g}')} | {c.get('note', '')} |"
             )
+    if any(c.get("peak_note") for cases in shapes.values() for c in cases.values()):
+        notes = {c["peak_note"] for cases in shapes.values() for c in cases.values() if c.get("peak_note")}
+        lines += ["", "\\* " + "; ".join(sorted(notes))]
     json_path.with_suffix(".md").write_text("\n".join(lines) + "\n")
     _plot(shapes, json_path.with_suffix(".png"), r0["device"])
 
@@ -86,7 +90,7 @@ def _plot(shapes, path: Path, device: str) -> None:
         ax.set_xlabel("seconds per sampling step")
         ax.set_title(f"{shape} — {device}", fontsize=10)
         ax.set_xlim(0, max(c["step_s"] for c in rows) * 1.35)
-        ax.legend(fontsize=8, loc="lower right")
+        ax.legend(fontsize=8, loc="upper center", bbox_to_anchor=(0.5, -0.14), ncol=2)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
