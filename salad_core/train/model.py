@@ -109,6 +109,14 @@ class SaladTrainModel(nn.Module):
     def _wrap_checkpoint(self, block: nn.Module) -> None:
         checkpoint_block(block, lambda: self.checkpointing)
 
+    def restore(self) -> None:
+        """Put the stock self-attention modules and block forwards back (the trained SALAD
+        parameters stay readable through ``export_weights`` until this is called)."""
+        for block, stock in zip(self.dm.blocks, self._stock):
+            block.self_attn = stock
+            block.__dict__.pop("forward", None)
+        self._stock = []
+
     @property
     def attn(self) -> list[SaladSelfAttention]:
         return [b.self_attn for b in self.dm.blocks]
