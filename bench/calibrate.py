@@ -59,7 +59,7 @@ def main() -> int:
     import comfy.sample
     import comfy.sd
 
-    from salad_core.calibrate import calibrate_windows, measured_sparsity
+    from salad_core.calibrate import calibrate_windows, collect_window_errors, measured_sparsity
     from salad_core.tiny_wan import WanShape, wan_state_dict
 
     t_start = time.perf_counter()
@@ -114,6 +114,15 @@ def main() -> int:
         sp = measured_sparsity(res)
         rec("calibrate_stswa", shape_tag, "sparsity", sum(sp) / len(sp), delta=2.0,
             note="random weights: windows not meaningful")
+        # Held-out check: other conditioning and noise, same windows; every head must stay <= delta.
+        held_cond = [[torch.randn(1, 512, 4096, generator=torch.Generator().manual_seed(99)), {}]]
+        held = collect_window_errors(model, held_cond, latent, steps=a.steps, seed=7)
+        kinds = {"spatial": 0, "temporal": 1}
+        worst = max(
+            float(held.rse_max[layer, head, kinds[w.kind], held.radii.index(w.window // held.block_size)])
+            for layer, row in enumerate(res.windows) for head, w in enumerate(row)
+        )
+        rec("calibrate_stswa", shape_tag, "heldout_max_rse", worst, delta=2.0, within_bound=worst <= 2.0)
         stem = Path(a.out) / f"calibrate-{tag}"
         stem.with_suffix(".json").write_text(json.dumps(records, indent=1))
         lines = ["| case | shape | metric | value | notes |", "|---|---|---|---|---|"]
