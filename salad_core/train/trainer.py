@@ -265,7 +265,7 @@ class Trainer:
         path = Path(path or self.out / CHECKPOINT)
         if not path.is_file():
             return False
-        state = torch.load(path, map_location="cpu", weights_only=False)
+        state = torch.load(path, map_location="cpu", weights_only=True)  # plain containers, no pickle code
         if state["config"]["global_batch"] != self.cfg.global_batch or state["config"]["seed"] != self.cfg.seed:
             raise ValueError(f"{path}: Expected a checkpoint with global_batch {self.cfg.global_batch} and seed "
                              f"{self.cfg.seed}, got {state['config']['global_batch']} / {state['config']['seed']}. "
