@@ -104,21 +104,16 @@ def main(argv=None) -> int:
                          getattr(dm, "text_dim", 4096))
     latent = {"samples": torch.zeros(1, 16, a.frames, a.height, a.width)}
     weights = load_salad_weights(a.weights) if a.weights else None
-    done = [0]
-
-    def progress(n):
-        done[0] += n
-
     t1 = time.perf_counter()
     out = calibrate(model, cond, latent, a.steps, a.delta, a.target_sparsity, a.what, weights, a.out,
-                    a.overwrite, a.seed, a.block_size, progress, headroom=a.headroom)
+                    a.overwrite, a.seed, a.block_size, headroom=a.headroom)
     t2 = time.perf_counter()
     folder = a.plots or os.path.dirname(os.path.abspath(a.out))
     stem = os.path.splitext(os.path.basename(a.out))[0]
     paths = plots.save_pngs(out.plots, folder, stem)
-    print(out.summary)
-    print(f"plots: {', '.join(paths)}")
-    print(f"load {t1 - t0:.1f} s, calibration {t2 - t1:.1f} s")
+    logging.info("%s", out.summary)
+    logging.info("plots: %s", ", ".join(paths))
+    logging.info("load %.1f s, calibration %.1f s", t1 - t0, t2 - t1)
     return 0
 
 

@@ -91,20 +91,20 @@ def main(argv=None) -> int:
         index = data.prepare_videos(a.videos, a.out, data.comfy_vae(a.vae), data.comfy_text_encoder(a.text_encoder),
                                     a.frames, a.height, a.width, a.fps, a.shard_size)
         n = sum(s["count"] for s in index["shards"])
-        print(f"prepared {n} videos into {a.out}; skipped {len(index['bad'])}")
+        logging.info("prepared %d videos into %s; skipped %d", n, a.out, len(index["bad"]))
         for k, why in index["bad"].items():
-            print(f"  skipped {k}: {why}")
+            logging.warning("  skipped %s: %s", k, why)
         return 0
     if a.cmd == "prepare-prompts":
         index = data.prepare_prompts(a.prompts, a.out, data.comfy_text_encoder(a.text_encoder))
-        print(f"prepared {sum(s['count'] for s in index['shards'])} prompts into {a.out}")
+        logging.info("prepared %d prompts into %s", sum(s["count"] for s in index["shards"]), a.out)
         return 0
     from .trainer import TrainConfig, train
 
     fields = {f.name for f in dataclasses.fields(TrainConfig)}
     cfg = TrainConfig(**{k: (tuple(v) if isinstance(v, list) else v) for k, v in vars(a).items() if k in fields})
     path = train(cfg, resume=not a.no_resume)
-    print(f"SALAD weights: {path}")
+    logging.info("SALAD weights: %s", path)
     return 0
 
 
