@@ -106,9 +106,10 @@ class SaladTrain(io.ComfyNode):
             device = comfy.model_management.get_torch_device()
             bar = comfy.utils.ProgressBar(steps)
             # ComfyUI runs nodes under inference_mode; weights loaded there cannot be saved for
-            # backward, so they become normal tensors (same values, same storage size).
+            # backward, so training uses normal copies, and the shared model gets its own tensors
+            # (and its stock modules, see restore()) back in `finally`.
             with torch.inference_mode(False), torch.enable_grad():
-                _uninference(dm)
+                originals = _uninference(dm)
                 train_model = SaladTrainModel(dm, cfg.salad_config(), lora_rank, True, True)
                 try:
                     trainer = Trainer(cfg, model=train_model, dataset=dataset,
@@ -118,6 +119,7 @@ class SaladTrain(io.ComfyNode):
                     weights = train_model.export_weights(trainer.step)
                 finally:
                     train_model.restore()
+                    _restore_tensors(originals)
             from salad_core.weights import save_salad_weights
 
             save_salad_weights(weights, path, overwrite=overwrite)
@@ -130,14 +132,22 @@ class SaladTrain(io.ComfyNode):
         return io.NodeOutput(weights, summary, ui=ui.PreviewText(summary))
 
 
-def _uninference(module) -> None:
+def _uninference(module) -> list:
+    """Swap every inference-mode parameter/buffer for a normal copy; returns what to put back."""
+    originals = []
     for m in module.modules():
-        for name, p in list(m._parameters.items()):
-            if p is not None and p.is_inference():
-                m._parameters[name] = torch.nn.Parameter(p.clone(), requires_grad=False)
-        for name, b in list(m._buffers.items()):
-            if b is not None and b.is_inference():
-                m._buffers[name] = b.clone()
+        for store in (m._parameters, m._buffers):
+            for name, t in list(store.items()):
+                if t is not None and t.is_inference():
+                    originals.append((store, name, t))
+                    copy = t.clone()
+                    store[name] = torch.nn.Parameter(copy, requires_grad=False) if store is m._parameters else copy
+    return originals
+
+
+def _restore_tensors(originals: list) -> None:
+    for store, name, tensor in originals:
+        store[name] = tensor
 
 
 def _output_path(output_name: str) -> str:

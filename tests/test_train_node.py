@@ -26,6 +26,11 @@ def test_salad_train_node_writes_weights_that_apply(graph_nodes, comfy_models_di
     }
     run = runner.run(prompt)
     assert run.success, run.error
+    # The shared (cached) model is left as the node found it: its own (inference-mode) tensors
+    # and the stock modules, not the training copies.
+    dm = run.output("1").model.diffusion_model
+    assert all(p.is_inference() for p in dm.parameters())
+    assert {type(b.self_attn).__name__ for b in dm.blocks} == {"WanSelfAttention"}
     path = Path(folder_paths.get_folder_paths("salad")[0]) / "trained_tiny.safetensors"
     w = load_salad_weights(str(path))
     assert w.meta.trained_steps == 2 and w.meta.lora_rank == 4
