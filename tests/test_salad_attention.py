@@ -143,7 +143,7 @@ def test_fresh_branch_is_zero_projection_and_neutral_gate():
     branch.reset_fresh()
     assert branch.projection_is_zero()
     assert float(scalar_gate(torch.randn(1, 5, 16), branch.gate).detach()) == pytest.approx(0.5)
-    assert float(branch.scale) == 1.0
+    assert float(branch.scale.detach()) == 1.0
 
 
 def make_branch(dim, seed=1):
