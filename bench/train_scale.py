@@ -25,6 +25,7 @@ import os
 import resource
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -204,7 +205,7 @@ def main(argv=None) -> int:
     ap.add_argument("--width", type=int, default=None, help="default 832 (64 with --cpu)")
     ap.add_argument("--global-batch", type=int, default=8)
     ap.add_argument("--micro-batch", type=int, default=1)
-    ap.add_argument("--warmup", type=int, default=1, help="warm-up steps (see --warmup-full)")
+    ap.add_argument("--warmup", type=int, default=2, help="warm-up steps, >= 1 (see --warmup-full)")
     ap.add_argument("--warmup-full", action="store_true",
                     help="warm up with full global-batch steps; default: one micro-batch per rank (compiles, "
                          "allocates, creates Adam state and DDP buckets at 1/accum of the cost)")
@@ -220,7 +221,7 @@ def main(argv=None) -> int:
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--cpu", action="store_true", help="gloo on CPU, tiny model (tests)")
     ap.add_argument("--out", default=str(ROOT / "bench" / "results"))
-    ap.add_argument("--run-dir", default=None, help="Trainer out folder (default <out>/.train-scale-run)")
+    ap.add_argument("--run-dir", default=None, help="Trainer out folder (nothing is written there; default a temp dir)")
     a = ap.parse_args(argv)
     cpu = a.cpu
     a.model = a.model or ("tiny" if cpu else "1.3b")
@@ -245,7 +246,7 @@ def main(argv=None) -> int:
 
     model = build_model(a, dev, dtype)
     latent = (16, (a.frames - 1) // 4 + 1, a.height // 8, a.width // 8)
-    cfg = TrainConfig(out=a.run_dir or str(Path(a.out) / ".train-scale-run"), objective="flow", steps=10**9,
+    cfg = TrainConfig(out=a.run_dir or os.path.join(tempfile.gettempdir(), "salad-train-scale-run"), objective="flow", steps=10**9,
                       global_batch=a.global_batch, micro_batch=a.micro_batch, lora_rank=a.lora_rank,
                       sparse_mode=a.mode, sparsity=a.sparsity, block_size=a.block_size, backend=a.backend,
                       frames=a.frames, height=a.height, width=a.width, shift=5.0, seed=a.seed,
@@ -261,15 +262,18 @@ def main(argv=None) -> int:
     full_batch = cfg.global_batch
     if not a.warmup_full:
         cfg.global_batch = world * cfg.micro_batch  # one micro-batch per rank
-    sync(dev)
-    t0 = time.perf_counter()
-    for _ in range(a.warmup):
+    warm = []
+    loss = 0.0
+    for _ in range(max(1, a.warmup)):
+        sync(dev)
+        t0 = time.perf_counter()
         loss = trainer.train_step()
-    sync(dev)
-    warm_s = (time.perf_counter() - t0) / max(1, a.warmup)
+        sync(dev)
+        warm.append(time.perf_counter() - t0)
+    warm_s = min(warm)  # the first includes compilation
     cfg.global_batch = full_batch
     accum = full_batch // (world * cfg.micro_batch)
-    est = warm_s * (1 if a.warmup_full else accum)  # the warm-up includes compilation: an over-estimate
+    est = warm_s * (1 if a.warmup_full else accum)
     steps = a.steps
     if a.budget_s > 0:
         left = a.budget_s - (time.time() - t_launch) - 10
@@ -277,7 +281,7 @@ def main(argv=None) -> int:
     steps = int(reduce_max([steps], dev)[0]) if world > 1 else steps  # same count on every rank
     if rank == 0:
         print(f"[train_scale] world {world} {mode} {shape_name(a)}: build {t_built - t_launch:.1f}s, warm-up "
-              f"{warm_s:.1f}s/step ({'full' if a.warmup_full else 'one micro-batch per rank'}), accum {accum}, "
+              f"{'/'.join(f'{w:.1f}' for w in warm)}s/step ({'full' if a.warmup_full else 'one micro-batch per rank'}), accum {accum}, "
               f"timing {steps} step(s)", flush=True)
 
     # -- timed ----------------------------------------------------------------------------------
@@ -302,8 +306,8 @@ def main(argv=None) -> int:
         common = {"bench": BENCH, "case": case, "shape": shape_name(a), "device": device_name,
                   "commit": git_sha(), "date": datetime.date.today().isoformat()}
         extra = {"world": world, "mode": mode, "global_batch": full_batch, "micro_batch": cfg.micro_batch,
-                 "grad_accum": accum, "timed_steps": steps, "warmup_steps": a.warmup,
-                 "warmup_kind": "full" if a.warmup_full else "micro", "warmup_s_per_step": round(warm_s, 3),
+                 "grad_accum": accum, "timed_steps": steps, "warmup_steps": len(warm),
+                 "warmup_kind": "full" if a.warmup_full else "micro", "warmup_s": [round(w, 3) for w in warm],
                  "lora_rank": a.lora_rank, "tokens": latent[1] * (latent[2] // 2) * (latent[3] // 2),
                  "trainable": sum(p.numel() for p in model.trainable_parameters()),  # DTensor: global numel
                  "loss": losses[-1]}
