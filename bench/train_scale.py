@@ -219,6 +219,8 @@ def main(argv=None) -> int:
     ap.add_argument("--block-size", type=int, default=None, help="default 64 (16 with --cpu)")
     ap.add_argument("--backend", default=None, help="default auto (torch with --cpu)")
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--dtype", default="auto", choices=["auto", "bf16", "fp32"],
+                    help="frozen weights + autocast: auto = bf16 on CUDA, fp32 with --cpu")
     ap.add_argument("--cpu", action="store_true", help="gloo on CPU, tiny model (tests)")
     ap.add_argument("--out", default=str(ROOT / "bench" / "results"))
     ap.add_argument("--run-dir", default=None, help="Trainer out folder (nothing is written there; default a temp dir)")
@@ -237,7 +239,7 @@ def main(argv=None) -> int:
     setup_comfy(cpu)
     rank, world, local = init_dist(cpu)
     dev = torch.device("cpu") if cpu else torch.device("cuda", local)
-    dtype = torch.float32 if cpu else torch.bfloat16
+    dtype = {"bf16": torch.bfloat16, "fp32": torch.float32}[a.dtype if a.dtype != "auto" else ("fp32" if cpu else "bf16")]
     mode = "fsdp" if a.fsdp else "ddp"
     device_name = "cpu" if cpu else torch.cuda.get_device_name(dev)
     tag = device_tag(device_name)
@@ -250,7 +252,7 @@ def main(argv=None) -> int:
                       global_batch=a.global_batch, micro_batch=a.micro_batch, lora_rank=a.lora_rank,
                       sparse_mode=a.mode, sparsity=a.sparsity, block_size=a.block_size, backend=a.backend,
                       frames=a.frames, height=a.height, width=a.width, shift=5.0, seed=a.seed,
-                      autocast="none" if cpu else "bf16", fsdp=a.fsdp, save_every=0, export_every=0)
+                      autocast="bf16" if dtype == torch.bfloat16 else "none", fsdp=a.fsdp, save_every=0, export_every=0)
     trainer = Trainer(cfg, model=model, dataset=SyntheticCached(max(a.global_batch, 8), latent, seed=a.seed),
                       device=dev)
     t_built = time.time()
