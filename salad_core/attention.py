@@ -25,6 +25,16 @@ class SaladBranch(nn.Module):
         self.proj = linear_cls(dim, dim, device=device, dtype=dtype)
         self.gate = linear_cls(dim, 1, device=device, dtype=dtype)
         self.scale = nn.Parameter(torch.ones(1, device=device, dtype=dtype))
+        # Ablations only (paper Tab. 5): a float replaces the input-dependent gate by that
+        # constant (1.0 = "w/o gate", 0.5 = "constant scale"); None (default) is the real gate.
+        # Not part of the state dict, so it is never written to a SALAD weights file.
+        self.fixed_gate: float | None = None
+
+    def gate_value(self, x: torch.Tensor) -> torch.Tensor:
+        """The scalar gate per sample, [B] fp32: Alg. 1's token-mean gate, or ``fixed_gate``."""
+        if self.fixed_gate is None:
+            return scalar_gate(x, self.gate)
+        return torch.full((x.shape[0],), float(self.fixed_gate), device=x.device, dtype=torch.float32)
 
     @torch.no_grad()
     def reset_fresh(self) -> None:
@@ -66,7 +76,7 @@ def salad_attention(
     if branch is None:
         return out, None
     linear = merge_heads(kernels.linear_attention(q, k, v, eps=eps, backend=backend))  # eq. 3
-    gate = scalar_gate(x, branch.gate)  # Alg. 1, G and its token mean
+    gate = branch.gate_value(x)  # Alg. 1, G and its token mean
     coeff = (linear_scale * gate * branch.scale.float()).to(out.dtype)  # lambda * s_l * G
     return out + coeff[:, None, None] * branch.proj(linear.to(out.dtype)), gate  # Alg. 1, O~
 
@@ -177,7 +187,7 @@ def salad_attention_fused(
     if branch is None:
         sparse, _ = kernels.block_sparse_attention(q, k, v, selection, backend=backend)
         return merge_heads(sparse), None
-    gate = scalar_gate(x, branch.gate)
+    gate = branch.gate_value(x)
     coeff = linear_scale * gate * branch.scale.float()  # [B] fp32
     sparse, _, linear = kernels.salad_attention(q, k, v, selection, eps=eps, linear_scale=coeff, backend=backend)
     out, linear = merge_heads(sparse), merge_heads(linear)  # views: the kernel writes [B, N, H, D]

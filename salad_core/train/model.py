@@ -68,6 +68,7 @@ class SaladTrainModel(nn.Module):
         timestep_multiplier: float = 1000.0,
         init: SaladWeights | None = None,
         apply_rope=None,
+        fixed_gate: float | None = None,
     ):
         super().__init__()
         if apply_rope is None:
@@ -81,6 +82,7 @@ class SaladTrainModel(nn.Module):
         self.linear_branch = linear_branch
         self.checkpointing = checkpointing
         self.multiplier = timestep_multiplier
+        self.fixed_gate = fixed_gate  # ablation: constant gate instead of the learned one
         diffusion_model.requires_grad_(False)
         self.dm = diffusion_model
         layers = range(self.info.num_layers) if linear_branch else ()
@@ -99,6 +101,9 @@ class SaladTrainModel(nn.Module):
                 for t in LORA_TARGETS:
                     setattr(module, t, LoRALinear(getattr(stock, t), lora_rank, device=ref.device))
             branch.requires_grad_(linear_branch)
+            if fixed_gate is not None:
+                branch.fixed_gate = float(fixed_gate)
+                branch.gate.requires_grad_(False)  # unused: nothing to train
             self._stock.append(stock)
             block.self_attn = module
             self._wrap_checkpoint(block)
@@ -160,6 +165,10 @@ class SaladTrainModel(nn.Module):
     def export_weights(self, trained_steps: int = 0, dtype: torch.dtype = torch.float32,
                        base_model: str | None = None, full=lambda t: t) -> SaladWeights:
         """The SALAD weights file content. ``full`` gathers a sharded (FSDP2) tensor."""
+        if self.fixed_gate is not None:
+            raise ValueError(f"Expected a model with the learned gate, got the fixed-gate ablation "
+                             f"(gate = {self.fixed_gate}), which a SALAD weights file cannot express. "
+                             "Try fixed_gate=None for a model to export.")
         tensors = {}
 
         def get(t):
