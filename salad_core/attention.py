@@ -141,7 +141,7 @@ class SaladSelfAttention(nn.Module):
         fused = call.fused and not torch.is_grad_enabled()  # the fused kernels have no backward
         q, k, v = self.qkv(x, freqs, fused)
         cfg = self.runtime.config
-        with self.runtime.timed(self.layer):
+        with self.runtime.timed():
             selection = self.runtime.selection(self.layer, q, k, call)
             branch = self.salad if self.runtime.linear_active(self.layer) else None
             if fused and (branch is None or _plain_weight(branch.proj, x) is not None):

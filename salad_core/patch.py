@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import logging
 import math
+from dataclasses import replace
 
 import torch
 
@@ -53,7 +54,7 @@ def apply_salad(model_patcher, config: SaladConfig, weights: SaladWeights | None
     if weights is not None:
         weights.check_compatible(info)
         if config.windows is None and config.sparse_mode == "st_swa" and weights.meta.windows is not None:
-            config = _replace_windows(config, weights.meta.windows)
+            config = replace(config, windows=weights.meta.windows)
     config.check_windows_for(info.num_layers, info.num_heads)
     drop = dropped_layers(config, weights, info.num_layers)
     weights = weights or fresh_salad_weights(info)
@@ -93,12 +94,6 @@ def apply_salad(model_patcher, config: SaladConfig, weights: SaladWeights | None
 
 def salad_runtime(model_patcher) -> SaladRuntime | None:
     return model_patcher.get_attachment(ATTACHMENT_KEY)
-
-
-def _replace_windows(config: SaladConfig, windows) -> SaladConfig:
-    from dataclasses import replace
-
-    return replace(config, windows=windows)
 
 
 def _format_ms(per_step: list[float | None]) -> str:

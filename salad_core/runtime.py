@@ -106,7 +106,7 @@ class SaladRuntime:
     # -- stats ------------------------------------------------------------------------------
     # Not while torch.compile traces: host timers, events and Python lists would break the
     # graph; compiled runs report no attention time or gates.
-    def timed(self, layer: int):
+    def timed(self):
         if self.stats.active and not torch.compiler.is_compiling():
             return self.stats.timed()
         return contextlib.nullcontext()
