@@ -53,6 +53,9 @@ def main() -> int:
     ap.add_argument("--prompts", type=int, default=1)
     ap.add_argument("--budget-s", type=float, default=120.0, help="skip further shapes past this wall time")
     ap.add_argument("--cpu", action="store_true")
+    ap.add_argument("--shapes", nargs="+", default=None, help="only these shape tags (default: all of --model)")
+    ap.add_argument("--repeat", action="store_true",
+                    help="calibrate a second time with the same inputs and record whether the result is identical")
     ap.add_argument("--out", default=str(REPO / "bench" / "results"))
     a = ap.parse_args()
     setup_comfy(a.cpu)
@@ -88,6 +91,8 @@ def main() -> int:
 
     os.makedirs(a.out, exist_ok=True)
     for frames, h, w, shape_tag in SHAPES[a.model]:
+        if a.shapes and shape_tag not in a.shapes:
+            continue
         if time.perf_counter() - t_start > a.budget_s:
             print(f"skip {shape_tag}: past --budget-s", flush=True)
             continue
@@ -111,6 +116,12 @@ def main() -> int:
             baseline_case="dense_comfy", overhead_x=round(per_prompt / dense_s, 2))
         if torch.cuda.is_available() and not a.cpu:
             rec("calibrate_stswa", shape_tag, "peak_gib", torch.cuda.max_memory_allocated() / 2**30)
+        if a.repeat:
+            # Same inputs, same seed: windows, radii and per-head RSE must match exactly (issue 7).
+            again = calibrate_windows(model, cond, latent, steps=a.steps, delta=2.0)
+            same = again == res
+            rec("calibrate_stswa", shape_tag, "repeat_identical", float(same),
+                max_rse_diff=max(abs(x - y) for ra, rb in zip(res.rse, again.rse) for x, y in zip(ra, rb)))
         sp = measured_sparsity(res)
         rec("calibrate_stswa", shape_tag, "sparsity", sum(sp) / len(sp), delta=2.0,
             note="random weights: windows not meaningful")
