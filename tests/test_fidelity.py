@@ -113,12 +113,15 @@ def test_compare_all_rows_finite(fid, tmp_path):
                                     eval_sigmas=(0.5,), sample_clips=1, sample_steps=2, backend="torch", gate_clips=1, **SPEC)
     rows = fid.compare.run_compare(sd, cfg, device="cpu")
     got = {(r["mode"], r["variant"]) for r in rows}
-    assert got == {("dense", "dense")} | {(m, v) for m in fid.compare.MODES for v in fid.compare.VARIANTS}
+    modes, variants = fid.compare.MODES, fid.compare.VARIANTS
+    assert got == ({("dense", "dense"), (modes[0], "dense_lora")}
+                   | {(m, v) for m in modes for v in variants if v != "dense_lora"})
     for r in rows:
         assert math.isfinite(r["fm_loss"]) and math.isfinite(r["rel_l2"])
         assert r["mode"] == "dense" or math.isfinite(r["psnr"])
     by = {(r["mode"], r["variant"]): r for r in rows}
     assert by[("topk", "sparse_only")]["trainable"] == 0
+    assert by[("topk", "dense_lora")]["trainable"] == by[("topk", "lora")]["trainable"]
     assert by[("topk", "salad")]["trainable"] > by[("topk", "lora")]["trainable"]
     assert by[("topk", "salad_drop20")]["dropped_layers"] == [by[("topk", "salad_drop20")]["gate_means"].index(
         max(by[("topk", "salad_drop20")]["gate_means"]))]

@@ -125,7 +125,7 @@ def cmd_compare(args):
     pct = round(cfg.sparsity * 100)
 
     def record(row):
-        case = "dense" if row["mode"] == "dense" else f"{row['variant']}_{row['mode'].replace('_', '')}_{pct}"
+        case = row["variant"] if row["variant"].startswith("dense") else f"{row['variant']}_{row['mode'].replace('_', '')}_{pct}"
         extra = {k: v for k, v in row.items() if k not in ("fm_loss", "rel_l2", "psnr")}
         for metric in ("fm_loss", "rel_l2", "psnr"):
             res.add(case, shape_name(args), metric, _finite(row.get(metric)), None if case == "dense" else "dense", **extra)

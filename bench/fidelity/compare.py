@@ -11,6 +11,9 @@ finetuning budget (steps, batch, lr, data, noise) and the flow-matching objectiv
     salad_const05   LoRA + proj, constant lambda = 0.5 instead of the gate (Tab. 5)
     salad_drop20    salad with the linear branch dropped in the 20% of layers with the
                     largest mean gates (paper A.3, Tab. 8), no retraining
+    dense_lora      control, once (first mode): LoRA rank r on DENSE attention, same budget. The
+                    toy is not trained to convergence, so finetuning itself moves the model; this
+                    row shows how far the same budget moves the dense model (loss and drift)
 
 Metrics on held-out clips (test split): flow-matching loss at fixed sigmas and noise; and from
 the same noise and caption, an Euler sampling run whose final latent is compared with the dense
@@ -34,7 +37,7 @@ from .pretrain import FLOW_SHIFT, flow_batch, flow_loss
 from .toy_model import load_toy, velocity
 
 log = logging.getLogger("salad.fidelity")
-VARIANTS = ("sparse_only", "lora", "lora_matched", "salad", "salad_nogate", "salad_const05", "salad_drop20")
+VARIANTS = ("sparse_only", "lora", "lora_matched", "salad", "salad_nogate", "salad_const05", "salad_drop20", "dense_lora")
 MODES = ("topk", "st_swa")
 
 
@@ -141,7 +144,10 @@ def _latent_thw(spec: ClipSpec):
 
 
 def variant_model(dm, cfg: CompareConfig, mode: str, variant: str) -> SaladTrainModel:
-    sc = SaladConfig(sparse_mode=mode, sparsity=cfg.sparsity, block_size=cfg.block_size, backend=cfg.backend)
+    # dense_lora: Top-K with every key block kept is exact dense attention (tested in the foundation)
+    sparsity = 0.0 if variant == "dense_lora" else cfg.sparsity
+    sc = SaladConfig(sparse_mode="topk" if variant == "dense_lora" else mode, sparsity=sparsity,
+                     block_size=cfg.block_size, backend=cfg.backend)
     lb = variant.startswith("salad")
     rank = {"sparse_only": 0, "lora_matched": matched_rank(dm, cfg.lora_rank)}.get(variant, cfg.lora_rank)
     fixed = {"salad_nogate": 1.0, "salad_const05": 0.5}.get(variant)
@@ -223,6 +229,8 @@ def run_compare(state_dict: dict, cfg: CompareConfig, device=None, record=None) 
         trained_salad = None
         for variant in cfg.variants:
             t0 = time.time()
+            if variant == "dense_lora" and mode != cfg.modes[0]:
+                continue
             if variant == "salad_drop20":
                 if trained_salad is None:
                     continue
