@@ -242,7 +242,10 @@ def run(args, ctx):
         if cuda:
             torch.cuda.empty_cache()
         t0 = time.perf_counter()
-        sample(patcher, inputs, args.warmup)  # warm-up: model load, Triton / inductor compile
+        # Warm-up: model load, Triton / Inductor compile. Compiled runs warm up with the timed
+        # schedule's length: ComfyUI passes sample_sigmas into the model, and a new length is a
+        # Dynamo guard failure (a recompile inside the timed run).
+        sample(patcher, inputs, args.steps if ctx.get("compiled") else args.warmup)
         warm_s = time.perf_counter() - t0
         if cuda:
             torch.cuda.synchronize()

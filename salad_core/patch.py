@@ -108,13 +108,23 @@ def latent_grid(x: torch.Tensor, patch_size, time_dim_concat: torch.Tensor | Non
     return tuple(math.ceil(s / p) for s, p in zip(sizes, patch_size))
 
 
+@torch.compiler.disable
+def _begin_call(runtime: SaladRuntime, x: torch.Tensor, patch_size, time_dim_concat, transformer_options: dict):
+    """Host-side set-up of one diffusion-model call, kept out of torch.compile (ComfyUI's compile
+    node compiles the whole diffusion model, this wrapper included): the step index is a host
+    sync, and the stats lists change every step, so Dynamo would guard on them and recompile the
+    model at every step. The layers only read the returned CallInfo's per-run constants."""
+    grid = latent_grid(x, patch_size, time_dim_concat)
+    call = runtime.make_call_info(grid, transformer_options, x.device)
+    if not call.dense:
+        runtime.prepare_selections(grid, x.shape[0], x.device)
+    runtime.stats.begin_call(call.step, call.dense)
+    return call
+
+
 def _diffusion_model_wrapper(runtime: SaladRuntime):
     def wrapper(executor, x, timestep, context, clip_fea=None, time_dim_concat=None, transformer_options={}, **kwargs):
-        grid = latent_grid(x, executor.class_obj.patch_size, time_dim_concat)
-        call = runtime.make_call_info(grid, transformer_options, x.device)
-        if not call.dense:
-            runtime.prepare_selections(grid, x.shape[0], x.device)
-        runtime.stats.begin_call(call.step, call.dense)
+        call = _begin_call(runtime, x, executor.class_obj.patch_size, time_dim_concat, transformer_options)
         # A copy, so nothing SALAD adds outlives this call.
         options = {**transformer_options, CALL_KEY: call}
         return executor(x, timestep, context, clip_fea, time_dim_concat, options, **kwargs)

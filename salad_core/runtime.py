@@ -107,12 +107,12 @@ class SaladRuntime:
     # Not while torch.compile traces: host timers, events and Python lists would break the
     # graph; compiled runs report no attention time or gates.
     def timed(self):
-        if self.stats.active and not torch.compiler.is_compiling():
+        if not torch.compiler.is_compiling() and self.stats.active:
             return self.stats.timed()
         return contextlib.nullcontext()
 
     def record(self, layer: int, selection: kernels.BlockSelection, gate: torch.Tensor | None) -> None:
-        if self.stats.active and not torch.compiler.is_compiling():
+        if not torch.compiler.is_compiling() and self.stats.active:
             self.stats.record_layer(layer, selection, gate)
 
 
