@@ -140,6 +140,18 @@ def _spec(args):
     return ClipSpec(args.frames, args.height, args.width)
 
 
+def _case_order(case: str):
+    """dense first, then per mode (compare.MODES order) the variants in compare.VARIANTS order,
+    the dense_lora control last; case names are "<variant>_<mode without _>_<pct>"."""
+    from .compare import MODES, VARIANTS
+
+    if case.startswith("dense"):
+        return (case != "dense") * (len(MODES) + 1), 0
+    variant, mode = case.rsplit("_", 2)[:2]
+    modes = [m.replace("_", "") for m in MODES]
+    return 1 + (modes.index(mode) if mode in modes else len(modes)), VARIANTS.index(variant) if variant in VARIANTS else 99
+
+
 def write_md(res: Results) -> Path:
     lines = [f"# Fidelity in miniature ({res.device})", "",
              "Toy Wan2.1 (ComfyUI's WanModel, small) pretrained here on procedural latent videos; NOT Wan2.1 "
@@ -165,7 +177,8 @@ def write_md(res: Results) -> Path:
         lines += ["## Comparisons (held-out clips)", "",
                   "| case | held-out FM loss | relL2 vs dense | PSNR vs dense (dB) | trainable | LoRA rank | ft steps x batch, lr |",
                   "|---|---|---|---|---|---|---|"]
-        for case, m in cases.items():
+        for case in sorted(cases, key=_case_order):
+            m = cases[case]
             r = m.get("fm_loss") or next(iter(m.values()))
 
             def f(metric, fmt):
@@ -175,6 +188,13 @@ def write_md(res: Results) -> Path:
             ft = f"{r.get('steps', 0)} x {r.get('batch', '')}, {r.get('lr', '')}" if r.get("steps") else "-"
             lines.append(f"| {case} | {f('fm_loss', '.4f')} | {f('rel_l2', '.4f')} | {f('psnr', '.2f')} | "
                          f"{r.get('trainable', 0):,} | {r.get('lora_rank', '-')} | {ft} |")
+        from .plots import compare_chart
+
+        chart = res.dir / f"fidelity-{res.tag}-compare.png"
+        rows = [(c, cases[c].get("fm_loss", {}).get("value"), cases[c].get("rel_l2", {}).get("value"))
+                for c in sorted(cases, key=_case_order)]
+        compare_chart(rows, f"Fidelity in miniature, toy Wan, 90% sparsity ({res.device})").save(chart)
+        lines += ["", f"Chart: `{chart.name}`."]
     path = res.dir / f"fidelity-{res.tag}.md"
     path.write_text("\n".join(lines) + "\n")
     return path
