@@ -163,16 +163,21 @@ def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--out", default=str(ROOT / "bench" / "results"))
     ap.add_argument("--frames", type=int, nargs="+", default=[77, 21])
-    ap.add_argument("--distill-steps", type=int, default=60)
+    ap.add_argument("--distill-steps", type=int, default=60, help="0 skips the distillation runs")
     ap.add_argument("--distill-lr", type=float, default=1e-4)
     ap.add_argument("--deadline-s", type=float, default=200)
+    ap.add_argument("--cases", default="salad_full_topk_90,lora_only_topk_90", help="speed cases besides dense_lora")
+    ap.add_argument("--tag", default=None, help="results file tag (default: h100 / h200 / device)")
     a = ap.parse_args()
     setup_comfy()
     t_start = time.time()
     from salad_core.train.model import DEFAULT_LORA_RANK, trainable_param_count
 
     dev = torch.cuda.get_device_name() if DEV == "cuda" else "cpu"
-    tag = "h100" if "H100" in dev else "h200" if "H200" in dev else dev.split()[-1].lower()
+    tag = a.tag or ("h100" if "H100" in dev else "h200" if "H200" in dev else dev.split()[-1].lower())
+    from kernels.autograd import BACKWARD_ENV
+
+    backward = os.environ.get(BACKWARD_ENV, "auto")  # sparse-branch backward (kernels/autograd.py)
     out = Path(a.out)
     out.mkdir(parents=True, exist_ok=True)
     try:
@@ -210,7 +215,7 @@ def main():
         rec("dense_lora", shape, "peak_gib", dense_mem)
         rec("dense_lora", shape, "recipe_gpu_h", proj(dense_s))
         for case, rank, lb in (("salad_full_topk_90", r_salad, True), ("lora_only_topk_90", r_lora, False)):
-            if case.startswith("lora_only") and time.time() - t_start > a.deadline_s * 0.5:
+            if case not in a.cases.split(",") or case.startswith("lora_only") and time.time() - t_start > a.deadline_s * 0.5:
                 continue
             m, params = salad_model(rank, lb)
             s, mem = time_fwd_bwd(m, params, x, sigma, ctx)
@@ -218,13 +223,15 @@ def main():
             del m, params
             if DEV == "cuda":
                 torch.cuda.empty_cache()
-            rec(case, shape, "s_per_sample", s, "dense_lora", dense_s / s, trainable=n, lora_rank=rank)
+            rec(case, shape, "s_per_sample", s, "dense_lora", dense_s / s, trainable=n, lora_rank=rank, backward=backward)
             rec(case, shape, "peak_gib", mem)
             rec(case, shape, "recipe_gpu_h", proj(s), "dense_lora", dense_s / s)
     # -- distillation ---------------------------------------------------------------------------
     dshape = (5, 64, 64) if TINY else (17, 240, 416)  # 5 x 15 x 26 = 1950 tokens
     sname = "wan1.3b_240p17"
     for case, rank, lb in (("salad_full_topk_90", r_salad, True), ("lora_only_topk_90", r_lora, False)):
+        if a.distill_steps == 0:
+            break
         if time.time() - t_start > a.deadline_s:
             print(f"skip distill {case}: deadline", flush=True)
             continue
