@@ -1,14 +1,23 @@
 """Autograd for the SALAD custom ops (training, issue 8).
 
-Backward recomputes the forward with a differentiable implementation and differentiates it:
-- ``salad::block_sparse_attention``: FlexAttention with the same block mask on CUDA (its own
-  fused backward), else the chunked torch reference ``block_sparse_attention_torch``.
+- ``salad::block_sparse_attention``: the backend comes from SALAD_BACKWARD_BACKEND, read when
+  the forward runs (so setup saves what that backward needs):
+  - "triton": FlashAttention-2-style kernels (block_sparse_attn/triton_bwd.py) that recompute P
+    from q, k and the forward's saved ``out`` and fp32 ``lse``; no forward recompute. Wrapped
+    as the custom op ``salad::block_sparse_attention_backward`` so torch.compile can trace it.
+    Needs CUDA tensors, or TRITON_INTERPRET=1 on CPU (the tests).
+  - "flex": recompute the forward with FlexAttention on the same block mask and use its fused
+    backward (CUDA). If Inductor fails to build it, one warning and the torch path from then on.
+  - "torch": recompute with the chunked torch reference ``block_sparse_attention_torch`` and
+    differentiate it.
+  - "auto" (default): triton on CUDA when Triton is installed, else flex on CUDA, else torch.
+  An explicit choice that cannot run on the inputs' device raises ValueError.
+  The gradient of the log-sum-exp output is exact on the triton and torch paths and ignored on
+  the flex path (SALAD never differentiates through it).
 - ``salad::linear_attention``: the fp32 torch reference ``linear_attention_torch``.
 - ``salad::select_topk_blocks``: integer indices, no gradient.
-The forward stays on the fast (Triton) path; the recompute is local to one layer's backward,
-so nothing extra is kept alive between forward and backward beyond q, k, v and the selection.
-Gradient of the log-sum-exp output is included on the torch path and ignored on the flex path
-(SALAD never differentiates through it).
+The forward stays on the fast (Triton) path. Kept between forward and backward: q, k, v and the
+selection, plus ``out`` and ``lse`` for the triton backward.
 """
 
 from __future__ import annotations
@@ -19,19 +28,34 @@ import os
 import torch
 
 from .block_sparse_attn.naive import block_sparse_attention_torch
+from .layout import out_like
 from .linear_attn.naive import linear_attention_torch
-from .registry import flex_available
+from .registry import backend_usable, flex_available, triton_available
 from .selection import BlockSelection
 
-# "auto" (flex on CUDA, torch elsewhere), "flex" or "torch".
+# "auto" (triton on CUDA, else flex on CUDA, else torch), "triton", "flex" or "torch".
 BACKWARD_ENV = "SALAD_BACKWARD_BACKEND"
+BACKWARD_CHOICES = ("auto", "triton", "flex", "torch")
 
 
-def _use_flex(device: torch.device) -> bool:
+def backward_backend(device: torch.device) -> str:
+    """The block-sparse attention backward that SALAD_BACKWARD_BACKEND selects for ``device``."""
     choice = os.environ.get(BACKWARD_ENV, "auto")
-    if choice == "torch":
-        return False
-    return device.type == "cuda" and flex_available()
+    if choice not in BACKWARD_CHOICES:
+        raise ValueError(f"Expected {BACKWARD_ENV} in {BACKWARD_CHOICES}, got {choice!r}. Try 'auto'.")
+    if choice == "auto":
+        if device.type == "cuda" and triton_available():
+            return "triton"
+        if device.type == "cuda" and flex_available():
+            return "flex"
+        return "torch"
+    if not backend_usable(choice, device):
+        needs = "CUDA tensors (or TRITON_INTERPRET=1)" if choice == "triton" else "CUDA tensors and Triton"
+        raise ValueError(
+            f"Expected {needs} for {BACKWARD_ENV}={choice}, got {device.type} tensors. "
+            f"Try {BACKWARD_ENV}=torch."
+        )
+    return choice
 
 
 def _grads(outputs, inputs, grad_outputs):
@@ -44,16 +68,24 @@ def _grads(outputs, inputs, grad_outputs):
 # -- block-sparse attention -------------------------------------------------------------------
 def _bsa_setup(ctx, inputs, output):
     q, k, v, kv_indices, kv_counts, token_order, block_size, scale, backend = inputs
-    ctx.save_for_backward(q, k, v, kv_indices, kv_counts, token_order)
+    ctx.backward_backend = backward_backend(q.device)
+    # Only the triton backward reads the forward's results; the others recompute them.
+    out, lse = output if ctx.backward_backend == "triton" else (None, None)
+    ctx.save_for_backward(q, k, v, kv_indices, kv_counts, token_order, out, lse)
     ctx.block_size, ctx.scale = block_size, scale
 
 
 def _bsa_backward(ctx, grad_out, grad_lse):
-    q, k, v, kv_indices, kv_counts, token_order = ctx.saved_tensors
+    q, k, v, kv_indices, kv_counts, token_order, out, lse = ctx.saved_tensors
     selection = BlockSelection(kv_indices, kv_counts, ctx.block_size, q.shape[2], token_order)
+    if ctx.backward_backend == "triton":
+        dq, dk, dv = _bsa_backward_triton_op(
+            grad_out, q, k, v, out, lse, grad_lse, kv_indices, kv_counts, token_order,
+            ctx.block_size, ctx.scale)
+        return dq, dk, dv, None, None, None, None, None, None
     with torch.enable_grad():
         qd, kd, vd = (t.detach().requires_grad_(True) for t in (q, k, v))
-        if _use_flex(q.device) and not _FLEX_BROKEN:
+        if ctx.backward_backend == "flex" and not _FLEX_BROKEN:
             try:
                 return (*_flex_grads(qd, kd, vd, selection, ctx.scale, grad_out), None, None, None, None, None, None)
             except Exception as exc:  # a broken Inductor must not stop training: torch path
@@ -61,6 +93,34 @@ def _bsa_backward(ctx, grad_out, grad_lse):
         out, lse = block_sparse_attention_torch(qd, kd, vd, selection, ctx.scale)
         dq, dk, dv = _grads((out, lse), (qd, kd, vd), (grad_out, grad_lse))
     return dq, dk, dv, None, None, None, None, None, None
+
+
+# A custom op (with a fake) rather than a direct call, so torch.compile / AOTAutograd can trace
+# the backward: a raw Triton launch cannot take fake tensors.
+@torch.library.custom_op("salad::block_sparse_attention_backward", mutates_args=())
+def _bsa_backward_triton_op(
+    grad_out: torch.Tensor,
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    out: torch.Tensor,
+    lse: torch.Tensor,
+    grad_lse: torch.Tensor | None,
+    kv_indices: torch.Tensor,
+    kv_counts: torch.Tensor,
+    token_order: torch.Tensor | None,
+    block_size: int,
+    scale: float,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    from .block_sparse_attn.triton_bwd import block_sparse_attention_backward_triton
+
+    selection = BlockSelection(kv_indices, kv_counts, block_size, q.shape[2], token_order)
+    return block_sparse_attention_backward_triton(grad_out, q, k, v, out, lse, selection, scale, grad_lse)
+
+
+@_bsa_backward_triton_op.register_fake
+def _(grad_out, q, k, v, out, lse, grad_lse, kv_indices, kv_counts, token_order, block_size, scale):
+    return out_like(q, q.shape[-1]), out_like(k, k.shape[-1]), out_like(v, v.shape[-1])
 
 
 _FLEX_BROKEN = False
