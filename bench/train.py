@@ -175,9 +175,9 @@ def main():
 
     dev = torch.cuda.get_device_name() if DEV == "cuda" else "cpu"
     tag = a.tag or ("h100" if "H100" in dev else "h200" if "H200" in dev else dev.split()[-1].lower())
-    from kernels.autograd import BACKWARD_ENV
+    from kernels.autograd import backward_backend
 
-    backward = os.environ.get(BACKWARD_ENV, "auto")  # sparse-branch backward (kernels/autograd.py)
+    backward = backward_backend(torch.device(DEV))  # sparse-branch backward actually used (kernels/autograd.py)
     out = Path(a.out)
     out.mkdir(parents=True, exist_ok=True)
     try:
