@@ -108,7 +108,6 @@ def latent_grid(x: torch.Tensor, patch_size, time_dim_concat: torch.Tensor | Non
     return tuple(math.ceil(s / p) for s, p in zip(sizes, patch_size))
 
 
-@torch.compiler.disable
 def _begin_call(runtime: SaladRuntime, x: torch.Tensor, patch_size, time_dim_concat, transformer_options: dict):
     """Host-side set-up of one diffusion-model call, kept out of torch.compile (ComfyUI's compile
     node compiles the whole diffusion model, this wrapper included): the step index is a host
@@ -123,8 +122,12 @@ def _begin_call(runtime: SaladRuntime, x: torch.Tensor, patch_size, time_dim_con
 
 
 def _diffusion_model_wrapper(runtime: SaladRuntime):
+    # Wrapped here, not as a decorator: torch.compiler.disable imports Dynamo (and Triton), which
+    # salad_core must not do at import time.
+    begin_call = torch.compiler.disable(_begin_call)
+
     def wrapper(executor, x, timestep, context, clip_fea=None, time_dim_concat=None, transformer_options={}, **kwargs):
-        call = _begin_call(runtime, x, executor.class_obj.patch_size, time_dim_concat, transformer_options)
+        call = begin_call(runtime, x, executor.class_obj.patch_size, time_dim_concat, transformer_options)
         # A copy, so nothing SALAD adds outlives this call.
         options = {**transformer_options, CALL_KEY: call}
         return executor(x, timestep, context, clip_fea, time_dim_concat, options, **kwargs)
