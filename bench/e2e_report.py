@@ -71,7 +71,8 @@ def _plot(shapes, path: Path, device: str) -> None:
 
         matplotlib.use("Agg")
         import matplotlib.pyplot as plt
-    except Exception:  # no matplotlib: the table is the result
+    except ImportError:  # the table is the result; say that the plot was not drawn
+        print(f"# matplotlib is not installed: {path.name} not drawn (pip install matplotlib)", flush=True)
         return
     fig, axes = plt.subplots(1, len(shapes), figsize=(7 * len(shapes), 4.5), squeeze=False)
     for ax, (shape, cases) in zip(axes[0], shapes.items()):
