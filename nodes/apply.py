@@ -27,10 +27,14 @@ TOOLTIPS = {
         "st_swa: per-head spatial/temporal sliding windows (static; calibrated windows come with the weights file)."
     ),
     "sparsity": (
-        "Target fraction of attention blocks skipped (0.90 = 90% skipped). 0 = dense attention. "
-        "Higher is faster; the linear branch recovers the lost quality."
+        "Target fraction of attention blocks skipped (0.90 = 90% skipped); 0 keeps every block. "
+        "Higher is faster; the linear branch recovers the lost quality. Unused in st_swa mode when the "
+        "weights file has calibrated windows (they set the sparsity)."
     ),
-    "topk": "Key blocks kept per query block in topk mode. 0 = derive it from sparsity.",
+    "topk": (
+        "Key blocks kept per query block in topk mode. 0 = derive it from sparsity; a value > 0 overrides "
+        "sparsity, and one >= the number of blocks means dense attention (a warning is logged)."
+    ),
     "gate_drop_percentile": (
         "Drop the linear branch in this percentage of layers, those with the largest calibrated gate "
         "(needs a weights file with calibrated gate values). 0 = keep every branch; the paper's best is 20 (+5% speed)."

@@ -36,7 +36,10 @@ def summarize(runtime, info: SaladNodeInfo | None, s: RunSummary) -> str:
     cfg = runtime.config
     n = runtime.info.num_layers
     lines = [f"SALAD stats ({os.path.basename(runtime.source)}; {runtime.info.base_model})"]
-    mode = f"{cfg.sparse_mode}, target sparsity {cfg.sparsity:.2f}" + (f", topk {cfg.topk}" if cfg.topk else "")
+    if cfg.windows is not None:
+        mode = f"{cfg.sparse_mode}, calibrated windows ({cfg.block_size}-token blocks; the sparsity setting is unused)"
+    else:
+        mode = f"{cfg.sparse_mode}, target sparsity {cfg.sparsity:.2f}" + (f", topk {cfg.topk}" if cfg.topk else "")
     measured = "n/a (no SALAD step ran)" if s.sparsity is None else f"{s.sparsity:.3f}"
     lines.append(f"mode: {mode}; measured sparsity: {measured}")
     lines.append(f"steps: {len(s.steps)} SALAD + {s.dense_steps} dense (dense_steps {cfg.dense_steps})")

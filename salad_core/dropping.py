@@ -27,6 +27,8 @@ def dropped_layers(config: SaladConfig, weights: SaladWeights | None, num_layers
     if weights is None:
         log.warning("SALAD: gate_drop_percentile has no effect in training-free mode (no linear branch).")
         return frozenset()
+    if config.gate_drop_plan == "random":  # the comparison plan of Table 8: no gate values needed
+        return frozenset(random.Random(RANDOM_PLAN_SEED).sample(range(num_layers), count))
     means = weights.meta.gate_means
     if means is None:
         raise SaladWeightsError(
@@ -34,10 +36,4 @@ def dropped_layers(config: SaladConfig, weights: SaladWeights | None, num_layers
             "running SALAD Calibrate (gate thresholds) on this file, or gate_drop_percentile 0",
         )
     order = sorted(range(num_layers), key=lambda layer: means[layer])
-    if config.gate_drop_plan == "top":
-        chosen = order[-count:]
-    elif config.gate_drop_plan == "bottom":
-        chosen = order[:count]
-    else:
-        chosen = random.Random(RANDOM_PLAN_SEED).sample(range(num_layers), count)
-    return frozenset(chosen)
+    return frozenset(order[-count:] if config.gate_drop_plan == "top" else order[:count])

@@ -53,8 +53,7 @@ def apply_salad(model_patcher, config: SaladConfig, weights: SaladWeights | None
     source = weights.source if weights is not None else "training-free (no weights file)"
     if weights is not None:
         weights.check_compatible(info)
-        if config.windows is None and config.sparse_mode == "st_swa" and weights.meta.windows is not None:
-            config = replace(config, windows=weights.meta.windows)
+        config = _config_for_file(config, weights)
     config.check_windows_for(info.num_layers, info.num_heads)
     drop = dropped_layers(config, weights, info.num_layers)
     weights = weights or fresh_salad_weights(info)
@@ -65,11 +64,12 @@ def apply_salad(model_patcher, config: SaladConfig, weights: SaladWeights | None
         clone, _ = comfy.sd.load_lora_for_models(clone, None, weights.lora_state(), 1.0, 0.0)
 
     ref = dm.blocks[0].self_attn.q.weight
+    dtype = branch_dtype(ref.dtype, getattr(model_patcher.model, "manual_cast_dtype", None))
     linear_cls = comfy.ops.manual_cast.Linear
     branches, active = [], set()
     for layer in range(info.num_layers):
-        branch = SaladBranch(info.dim, linear_cls, device=ref.device, dtype=ref.dtype)
-        branch.load_state_dict({k: v.to(ref.dtype) for k, v in weights.branch_state(layer).items()})
+        branch = SaladBranch(info.dim, linear_cls, device=ref.device, dtype=dtype)
+        branch.load_state_dict({k: v.to(dtype) for k, v in weights.branch_state(layer).items()})
         branches.append(branch)
         # A zero projection makes the branch exactly zero: skip its work, it changes nothing.
         if layer not in drop and not branch.projection_is_zero():
@@ -90,6 +90,37 @@ def apply_salad(model_patcher, config: SaladConfig, weights: SaladWeights | None
         source, config.sparse_mode, config.sparsity, len(active), info.num_layers, len(drop), config.backend,
     )
     return clone
+
+
+def branch_dtype(weight_dtype: torch.dtype, compute_dtype: torch.dtype | None) -> torch.dtype:
+    """Storage dtype of SALAD's own branch weights: the model's, unless the model is stored in a
+    format that only ComfyUI's manual cast can compute with (fp8 checkpoints or UNETLoader's
+    fp8 weight_dtype): small trained weights would lose ~14% of their precision in fp8, so
+    they use the model's compute dtype (fp32 when ComfyUI reports none)."""
+    if weight_dtype in (torch.float32, torch.float16, torch.bfloat16):
+        return weight_dtype
+    return compute_dtype if compute_dtype in (torch.float32, torch.float16, torch.bfloat16) else torch.float32
+
+
+def _config_for_file(config: SaladConfig, weights: SaladWeights) -> SaladConfig:
+    """What a weights file decides over the widgets, each said in the log: calibrated ST-SWA
+    windows (and the block size they were calibrated with) replace ``sparsity`` in st_swa mode;
+    in topk mode they are unused."""
+    meta = weights.meta
+    if meta.windows is None:
+        if meta.block_size != config.block_size:
+            log.warning("SALAD: %s was made with %d-token blocks; running with %d-token blocks.",
+                        weights.source, meta.block_size, config.block_size)
+        return config
+    if config.sparse_mode != "st_swa":
+        log.warning("SALAD: %s has calibrated ST-SWA windows, which sparse_mode '%s' does not use. "
+                    "Set sparse_mode to 'st_swa' to use them.", weights.source, config.sparse_mode)
+        return config
+    if config.windows is not None:  # given explicitly (Python API): they win over the file's
+        return config
+    log.info("SALAD: using the calibrated ST-SWA windows of %s (%d-token blocks); the sparsity setting "
+             "is not used.", weights.source, meta.block_size)
+    return replace(config, windows=meta.windows, block_size=meta.block_size)
 
 
 def salad_runtime(model_patcher) -> SaladRuntime | None:
@@ -114,6 +145,7 @@ def _begin_call(runtime: SaladRuntime, x: torch.Tensor, patch_size, time_dim_con
     sync, and the stats lists change every step, so Dynamo would guard on them and recompile the
     model at every step. The layers only read the returned CallInfo's per-run constants."""
     grid = latent_grid(x, patch_size, time_dim_concat)
+    runtime.check_grid(grid)
     call = runtime.make_call_info(grid, transformer_options, x.device)
     if not call.dense:
         runtime.prepare_selections(grid, x.shape[0], x.device)

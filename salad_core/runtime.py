@@ -4,6 +4,8 @@ linear branch, the cached ST-SWA selections, the current call's step, and the st
 from __future__ import annotations
 
 import contextlib
+import logging
+import math
 from dataclasses import dataclass
 
 import torch
@@ -16,6 +18,7 @@ from .stats import SaladStats
 from .wan import WanModelInfo
 
 CALL_KEY = "salad_call"
+log = logging.getLogger("salad")
 
 
 @dataclass(frozen=True)
@@ -37,10 +40,22 @@ class SaladRuntime:
         self.stats = SaladStats(info.num_layers)
         self._stswa_cache: dict = {}
         self._windows_cache: dict = {}
+        self._warned_dense_topk = False
 
     # -- per call ---------------------------------------------------------------------------
     def call_info(self, transformer_options: dict) -> CallInfo:
         return transformer_options.get(CALL_KEY) or CallInfo()
+
+    def check_grid(self, grid) -> None:
+        """Warn once when an explicit ``topk`` keeps every key block: dense attention, no speed-up."""
+        cfg = self.config
+        if cfg.sparse_mode != "topk" or cfg.topk == 0 or self._warned_dense_topk:
+            return
+        n_blocks = math.ceil(grid[0] * grid[1] * grid[2] / cfg.block_size)
+        if cfg.topk >= n_blocks:
+            self._warned_dense_topk = True
+            log.warning("SALAD: topk %d keeps all %d key blocks of this video: attention is dense (no speed-up). "
+                        "Try topk 0 (derive it from sparsity) or a value below %d.", cfg.topk, n_blocks, n_blocks)
 
     def make_call_info(self, grid, transformer_options: dict, device=None) -> CallInfo:
         step = step_index(transformer_options)

@@ -113,7 +113,7 @@ class SaladMeta:
             data = json.loads(text)
             return None if data is None else tuple(float(v) for v in data)
 
-        return cls(
+        parsed = cls(
             base_model=field_("base_model", str),
             dim=field_("dim", int),
             layers=field_("layers", int),
@@ -128,6 +128,12 @@ class SaladMeta:
             trained_steps=field_("trained_steps", int),
             format_version=version,
         )
+        if parsed.gate_means is not None and len(parsed.gate_means) != parsed.layers:
+            raise SaladWeightsError(
+                source, f"salad.gate_means with one value per layer ({parsed.layers})",
+                f"{len(parsed.gate_means)} values", "re-running SALAD Calibrate (gate thresholds) on this file",
+            )
+        return parsed
 
 
 @dataclass(frozen=True)

@@ -160,6 +160,10 @@ def bad_files(base, tmp_path):
         write_weights(tmp_path / "windows.safetensors", good.tensors, {**meta, "salad.windows": json.dumps([[{"kind": "x"}]])}),
         "salad.windows",
     )
+    cases["gate means"] = (
+        write_weights(tmp_path / "means.safetensors", good.tensors, {**meta, "salad.gate_means": json.dumps([0.5])}),
+        "salad.gate_means with one value per layer",
+    )
     return cases
 
 
@@ -178,6 +182,52 @@ def test_gate_drop_without_calibration_is_a_clear_error(base):
     weights = random_branches(fresh_salad_weights(wan_info(base.model.diffusion_model)))
     with pytest.raises(SaladWeightsError, match="salad.gate_means.*Try"):
         apply_salad(base, SaladConfig(gate_drop_percentile=50), weights)
+
+
+def test_random_drop_plan_needs_no_calibration(base):
+    weights = random_branches(fresh_salad_weights(wan_info(base.model.diffusion_model)))
+    patched = apply_salad(base, SaladConfig(gate_drop_percentile=50, gate_drop_plan="random", block_size=BLOCK), weights)
+    assert len(salad_runtime(patched).linear_layers) == 1
+
+
+def test_fp8_model_keeps_salad_branch_in_compute_precision(tiny_wan_path, load_wan):
+    """An fp8-stored model (UNETLoader weight_dtype fp8_e4m3fn, common for 14B): SALAD's small
+    trained weights must not be rounded to fp8 (about 14% error at |w| ~ 0.004)."""
+    fp8 = load_wan(tiny_wan_path, model_options={"dtype": torch.float8_e4m3fn})
+    assert fp8.model.diffusion_model.blocks[0].self_attn.q.weight.dtype == torch.float8_e4m3fn
+    weights = random_branches(fresh_salad_weights(wan_info(fp8.model.diffusion_model)), scale=0.004)
+    patched = apply_salad(fp8, SaladConfig(block_size=BLOCK), weights)
+    proj = patched.object_patches[self_attn_key(0)].salad.proj.weight
+    want = fp8.model.manual_cast_dtype
+    assert want in (torch.float32, torch.float16, torch.bfloat16) and proj.dtype == want
+    assert torch.equal(proj, weights.branch_state(0)["proj.weight"].to(want))
+
+
+def test_file_windows_and_block_size_decide_st_swa_and_are_reported(base, caplog):
+    from salad_core.config import HeadWindow
+
+    info = wan_info(base.model.diffusion_model)
+    windows = tuple(tuple(HeadWindow("spatial", 32) for _ in range(info.num_heads)) for _ in range(info.num_layers))
+    weights = fresh_salad_weights(info).with_meta(windows=windows, block_size=32)
+    with caplog.at_level("INFO", logger="salad"):
+        swa = apply_salad(base, SaladConfig(sparse_mode="st_swa", sparsity=0.5, block_size=BLOCK), weights)
+    cfg = salad_runtime(swa).config
+    assert cfg.windows == windows and cfg.block_size == 32
+    assert any("sparsity setting is not used" in r.message for r in caplog.records)
+    caplog.clear()
+    with caplog.at_level("WARNING", logger="salad"):
+        topk = apply_salad(base, SaladConfig(sparse_mode="topk", block_size=BLOCK), weights)
+    assert salad_runtime(topk).config.windows is None
+    assert any("does not use" in r.message and "st_swa" in r.message for r in caplog.records)
+
+
+def test_topk_keeping_every_block_warns_once(base, inputs, run_wan, caplog):
+    patched = apply_salad(base, SaladConfig(topk=4096, block_size=BLOCK))
+    with caplog.at_level("WARNING", logger="salad"):
+        run_wan(patched, inputs)
+        run_wan(patched, inputs)
+    hits = [r.message for r in caplog.records if "keeps all" in r.message]
+    assert len(hits) == 1 and "12 key blocks" in hits[0] and "Try topk 0" in hits[0], hits
 
 
 def test_non_wan_model_is_refused(comfy):
