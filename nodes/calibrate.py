@@ -26,7 +26,8 @@ TOOLTIPS = {
     "steps": "Sampling steps per prompt. Windows: a few (4) are enough. Gate thresholds: your inference step count.",
     "delta": (
         "Largest allowed attention error per head, RSE in percent: 100 * ||O_sparse - O_dense||^2 / ||O_dense||^2, "
-        "worst case over prompts and steps. The smallest window within it is chosen. Paper: 2.0."
+        "worst case over prompts and steps. The smallest window within 90% of it is chosen (10% headroom "
+        "keeps unseen prompts within delta). Paper: 2.0."
     ),
     "target_sparsity": "0 = use delta. > 0: choose the windows that reach this sparsity with the least total error.",
     "what": "windows: ST-SWA windows (new training-free file if no weights connected). gate_thresholds: needs trained weights. both.",
