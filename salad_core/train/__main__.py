@@ -41,10 +41,6 @@ def _setup_comfy() -> None:
         raise SystemExit(f"Expected ComfyUI importable, got {exc}. Try COMFYUI_PATH=/path/to/ComfyUI.") from exc
 
 
-def _bool(s: str) -> bool:
-    return s.lower() in ("1", "true", "yes", "on")
-
-
 def _train_parser(sub) -> None:
     from .trainer import TrainConfig
 
@@ -52,8 +48,8 @@ def _train_parser(sub) -> None:
     for f in dataclasses.fields(TrainConfig):
         default = f.default
         flag = "--" + f.name.replace("_", "-")
-        if isinstance(default, bool):
-            p.add_argument(flag, type=_bool, default=default)
+        if isinstance(default, bool):  # a plain flag: --fsdp / --no-fsdp
+            p.add_argument(flag, action=argparse.BooleanOptionalAction, default=default)
         elif isinstance(default, tuple):
             p.add_argument(flag, type=float, nargs=len(default), default=default)
         elif f.name == "shift":
