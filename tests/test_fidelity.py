@@ -148,3 +148,29 @@ def test_fixed_gate_option(comfy, load_wan, tiny_wan_path):
     assert torch.equal(br.gate_value(x), scalar_gate(x, br.gate))
     with pytest.raises(ValueError, match="fixed-gate"):
         m.export_weights()
+
+
+def test_distill_objective_trains_the_student_towards_the_dense_teacher(fid, tmp_path, monkeypatch):
+    """objective="distill": data-free distillation. Its first loss is the student-vs-teacher gap
+    (> 0 for a sparse student) and training lowers the loss on repeated inputs."""
+    from safetensors.torch import load_file
+
+    fid.pretrain.pretrain(_pcfg(fid), tmp_path / "run", steps=4, device="cpu")
+    sd = load_file(str(tmp_path / "run" / "model.safetensors"))
+    cfg = fid.compare.CompareConfig(block_size=16, sparsity=0.75, steps=12, batch=1, lr=3e-3, lora_rank=4,
+                                    backend="torch", objective="distill", **SPEC)
+    dm, _ = fid.compare.load_toy(sd, "cpu")
+    model = fid.compare.variant_model(dm, cfg, "topk", "salad")
+    # the same clip and noise every step, so the loss curve is the fit, not sampling noise
+    original = fid.compare.flow_batch
+    monkeypatch.setattr(fid.compare, "flow_batch", lambda ds, pos, seed, device: original(ds, [0], seed, device))
+    from salad_core.train.losses import distillation_loss
+
+    _, ctx, noise, sigma = original(fid.data.ToyVideos(cfg.spec, "train", 10**8), [0], cfg.seed, "cpu")
+    with torch.no_grad():  # independent of finetune(): the objective's value before any step
+        first = float(distillation_loss(lambda x, s, c: model(x, s, c), lambda x, s, c: model(x, s, c, dense=True),
+                                        None, ctx, noise, sigma))
+    losses, _ = fid.compare.finetune(model, cfg, torch.device("cpu"))
+    assert losses[0] == pytest.approx(first, rel=1e-4) and first > 0
+    assert all(math.isfinite(v) for v in losses)
+    assert min(losses[-3:]) < 0.8 * losses[0], losses

@@ -120,7 +120,8 @@ def cmd_compare(args):
     cfg = CompareConfig(sparsity=args.sparsity, block_size=args.block_size, steps=args.ft_steps, batch=args.ft_batch,
                         lr=args.ft_lr, lora_rank=args.lora_rank, eval_clips=args.eval_clips, sample_clips=args.sample_clips,
                         sample_steps=args.sample_steps, backend=args.backend, frames=args.frames, height=args.height,
-                        width=args.width, modes=tuple(args.modes), variants=tuple(args.variants))
+                        width=args.width, modes=tuple(args.modes), variants=tuple(args.variants),
+                        objective=args.objective)
     res = Results(args.results, args.tag)
     pct = round(cfg.sparsity * 100)
 
@@ -175,7 +176,7 @@ def write_md(res: Results) -> Path:
             cases.setdefault(r["case"], {})[r["metric"]] = r
     if cases:
         lines += ["## Comparisons (held-out clips)", "",
-                  "| case | held-out FM loss | relL2 vs dense | PSNR vs dense (dB) | trainable | LoRA rank | ft steps x batch, lr |",
+                  "| case | held-out FM loss | relL2 vs dense | PSNR vs dense (dB) | trainable | LoRA rank | ft steps x batch, lr, objective |",
                   "|---|---|---|---|---|---|---|"]
         for case in sorted(cases, key=_case_order):
             m = cases[case]
@@ -185,7 +186,8 @@ def write_md(res: Results) -> Path:
                 v = m.get(metric, {}).get("value")
                 return "-" if v is None else format(v, fmt)
 
-            ft = f"{r.get('steps', 0)} x {r.get('batch', '')}, {r.get('lr', '')}" if r.get("steps") else "-"
+            ft = (f"{r.get('steps', 0)} x {r.get('batch', '')}, {r.get('lr', '')}, {r.get('objective', 'flow')}"
+                  if r.get("steps") else "-")
             lines.append(f"| {case} | {f('fm_loss', '.4f')} | {f('rel_l2', '.4f')} | {f('psnr', '.2f')} | "
                          f"{r.get('trainable', 0):,} | {r.get('lora_rank', '-')} | {ft} |")
         from .plots import compare_chart
@@ -229,6 +231,9 @@ def main(argv=None):
     ap.add_argument("--backend", default="auto")
     ap.add_argument("--modes", nargs="+", default=["topk", "st_swa"])
     ap.add_argument("--variants", nargs="+", default=None)
+    ap.add_argument("--objective", default="flow", choices=("flow", "distill"),
+                    help="finetuning objective of the comparisons: flow matching on the toy videos, or "
+                         "data-free distillation from the dense toy (no videos)")
     ap.add_argument("--dest", default=None)
     ap.add_argument("--src", default=None)
     args = ap.parse_args(argv)

@@ -30,6 +30,7 @@ from dataclasses import dataclass, field
 import torch
 
 from salad_core.config import SaladConfig
+from salad_core.train.losses import distillation_loss
 from salad_core.train.model import SaladTrainModel, trainable_param_count
 
 from .data import ClipSpec, ToyVideos
@@ -63,6 +64,9 @@ class CompareConfig:
     height: int = 32
     width: int = 32
     gate_clips: int = 4
+    # "flow": flow matching on the toy videos (the paper's objective); "distill": data-free
+    # distillation (salad_core.train.losses.distillation_loss, no x0: the teacher makes the input)
+    objective: str = "flow"
     extra: dict = field(default_factory=dict)
 
     @property
@@ -168,12 +172,16 @@ def finetune(model: SaladTrainModel, cfg: CompareConfig, device) -> tuple[list[f
     opt = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=0.01)
     ds = ToyVideos(cfg.spec, "train", 10**8)
     predict = lambda x, s, c: model(x, s, c)  # noqa: E731
+    teacher = lambda x, s, c: model(x, s, c, dense=True)  # noqa: E731  (frozen base, stock attention)
     losses, t0 = [], time.time()
     for step in range(cfg.steps):
         pos = range(cfg.data_offset + step * cfg.batch, cfg.data_offset + (step + 1) * cfg.batch)
         x0, ctx, noise, sigma = flow_batch(ds, pos, cfg.seed, device)
         with _autocast(device):
-            loss = flow_loss(predict, x0, ctx, noise, sigma)
+            if cfg.objective == "distill":
+                loss = distillation_loss(predict, teacher, None, ctx, noise, sigma)
+            else:
+                loss = flow_loss(predict, x0, ctx, noise, sigma)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(params, 1.0)
         opt.step()
@@ -249,6 +257,7 @@ def run_compare(state_dict: dict, cfg: CompareConfig, device=None, record=None) 
             res = ev.evaluate(lambda x, s, c, m=model: m(x, s, c))
             row = {"mode": mode, "variant": variant, **res, "trainable": sum(p.numel() for p in model.trainable_parameters()),
                    "lora_rank": model.lora_rank, "steps": cfg.steps if losses else 0, "batch": cfg.batch, "lr": cfg.lr,
+                   "objective": cfg.objective,
                    "final_train_loss": (sum(losses[-20:]) / len(losses[-20:])) if losses else None,
                    "step_s": step_s, "wall_s": round(time.time() - t0, 2), **extra}
             rows.append(row)

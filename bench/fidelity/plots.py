@@ -33,7 +33,7 @@ def compare_chart(rows: list[tuple[str, float | None, float | None]], title: str
                                        ("rel. L2 of final latent vs dense (lower is better)", 2))):
         x0 = LABEL_W + PAD + col * (PANEL_W + PAD)
         values = [r[idx] for r in rows if r[idx] is not None]
-        top = max(values) * 1.25 if values else 1.0
+        top = max(values) * 1.25 if values and max(values) > 0 else 1.0  # the dense row alone is all zeros
         draw.text((x0, TOP - 22), name, fill=(30, 30, 30), font=font)
         draw.line([(x0, TOP - 4), (x0, TOP + ROW_H * len(rows))], fill=(30, 30, 30))
         for i, row in enumerate(rows):
