@@ -39,6 +39,13 @@ TOOLTIPS = {
     "width": "Video width for distill_prompts.", "height": "Video height for distill_prompts.",
     "length": "Frames for distill_prompts (4k + 1). Paper: 77.",
     "output_name": "File name written into models/salad/ (.safetensors added).",
+    "sparse_mode": ("Sparse attention the model is trained with. topk: per query block keep the most relevant "
+                    "key blocks (dynamic). st_swa: spatial/temporal sliding windows (uncalibrated defaults here). "
+                    "Train with the mode you will use in SALAD Apply; it is recorded in the file."),
+    "sparsity": ("Fraction of attention blocks skipped during training (0.90 = 90% skipped). "
+                 "Train at (or near) the sparsity you will generate with."),
+    "overwrite": "Replace an existing models/salad/ file of the same name. Off: such a name is an error.",
+    "seed": "Seeds the LoRA initialisation, the prompt/sample order and the training noise and noise levels.",
 }
 
 
@@ -68,14 +75,14 @@ class SaladTrain(io.ComfyNode):
                 io.Int.Input("batch", default=8, min=1, max=256, tooltip=t["batch"]),
                 io.Float.Input("learning_rate", default=1e-4, min=1e-7, max=1e-1, step=1e-5, tooltip=t["learning_rate"]),
                 io.Int.Input("lora_rank", default=DEFAULT_LORA_RANK, min=0, max=1024, tooltip=t["lora_rank"]),
-                io.Combo.Input("sparse_mode", options=list(SPARSE_MODES), default="topk"),
-                io.Float.Input("sparsity", default=0.9, min=0.0, max=0.99, step=0.01),
+                io.Combo.Input("sparse_mode", options=list(SPARSE_MODES), default="topk", tooltip=t["sparse_mode"]),
+                io.Float.Input("sparsity", default=0.9, min=0.0, max=0.99, step=0.01, tooltip=t["sparsity"]),
                 io.Int.Input("width", default=832, min=16, max=4096, step=16, tooltip=t["width"]),
                 io.Int.Input("height", default=480, min=16, max=4096, step=16, tooltip=t["height"]),
                 io.Int.Input("length", default=77, min=1, max=1001, step=4, tooltip=t["length"]),
                 io.String.Input("output_name", default="salad_trained", tooltip=t["output_name"]),
-                io.Boolean.Input("overwrite", default=False),
-                io.Int.Input("seed", default=0, min=0, max=2**31 - 1),
+                io.Boolean.Input("overwrite", default=False, tooltip=t["overwrite"]),
+                io.Int.Input("seed", default=0, min=0, max=2**31 - 1, tooltip=t["seed"]),
             ],
             outputs=[SaladWeightsIO.Output(display_name="salad_weights"), io.String.Output(display_name="summary")],
             is_output_node=True,
@@ -108,17 +115,23 @@ class SaladTrain(io.ComfyNode):
             # ComfyUI runs nodes under inference_mode; weights loaded there cannot be saved for
             # backward, so training uses normal copies, and the shared model gets its own tensors
             # (and its stock modules, see restore()) back in `finally`.
+            # Everything that changes the shared model happens inside the `try`, so a failed set-up
+            # (e.g. a SALAD-patched MODEL input) leaves it as it was too.
             with torch.inference_mode(False), torch.enable_grad():
-                originals = _uninference(dm)
-                train_model = SaladTrainModel(dm, cfg.salad_config(), lora_rank, True, True)
+                blocks = _block_state(dm)
+                originals, train_model = [], None
                 try:
+                    _uninference(dm, originals)
+                    train_model = SaladTrainModel(dm, cfg.salad_config(), lora_rank, True, True)
                     trainer = Trainer(cfg, model=train_model, dataset=dataset,
                                       model_sampling=model.get_model_object("model_sampling"), device=device,
                                       progress=lambda step, total, loss: bar.update_absolute(step, total))
                     losses = trainer.run(steps)
                     weights = train_model.export_weights(trainer.step)
                 finally:
-                    train_model.restore()
+                    if train_model is not None:
+                        train_model.restore()
+                    _restore_blocks(blocks)
                     _restore_tensors(originals)
             from salad_core.weights import save_salad_weights
 
@@ -132,22 +145,42 @@ class SaladTrain(io.ComfyNode):
         return io.NodeOutput(weights, summary, ui=ui.PreviewText(summary))
 
 
-def _uninference(module) -> list:
-    """Swap every inference-mode parameter/buffer for a normal copy; returns what to put back."""
-    originals = []
+def _uninference(module, originals: list) -> list:
+    """Swap every inference-mode parameter/buffer for a normal copy. Appends to ``originals``
+    as it goes (so a failure part-way still restores what it swapped) every tensor to put
+    back, with its requires_grad flag (SaladTrainModel freezes the whole model)."""
     for m in module.modules():
         for store in (m._parameters, m._buffers):
             for name, t in list(store.items()):
-                if t is not None and t.is_inference():
-                    originals.append((store, name, t))
+                if t is None:
+                    continue
+                originals.append((store, name, t, t.requires_grad))
+                if t.is_inference():
                     copy = t.clone()
                     store[name] = torch.nn.Parameter(copy, requires_grad=False) if store is m._parameters else copy
     return originals
 
 
 def _restore_tensors(originals: list) -> None:
-    for store, name, tensor in originals:
+    for store, name, tensor, requires_grad in originals:
         store[name] = tensor
+        if tensor.requires_grad != requires_grad:
+            tensor.requires_grad_(requires_grad)
+
+
+def _block_state(dm) -> list:
+    """Each block's self-attention module and instance ``forward`` (SaladTrainModel replaces
+    both), for _restore_blocks; also covers a SaladTrainModel that failed part-way through."""
+    return [(block, block.self_attn, block.__dict__.get("forward")) for block in dm.blocks]
+
+
+def _restore_blocks(state: list) -> None:
+    for block, self_attn, forward in state:
+        block.self_attn = self_attn
+        if forward is None:
+            block.__dict__.pop("forward", None)
+        else:
+            block.forward = forward
 
 
 def _output_path(output_name: str) -> str:
