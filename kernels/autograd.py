@@ -10,10 +10,15 @@
     backward (CUDA). If Inductor fails to build it, one warning and the torch path from then on.
   - "torch": recompute with the chunked torch reference ``block_sparse_attention_torch`` and
     differentiate it.
-  - "auto" (default): triton on CUDA when Triton is installed, else flex on CUDA, else torch.
-  An explicit choice that cannot run on the inputs' device raises ValueError.
+  - "auto" (default): triton on CUDA when Triton is installed and its backward takes the
+    inputs (dtype, head dims, block size: ``triton_bwd.unsupported_reason``), else flex on CUDA,
+    else torch.
+  An explicit choice that cannot run on the inputs (device; for triton also dtype, head dims,
+  block size) raises ValueError when the forward runs.
   The gradient of the log-sum-exp output is exact on the triton and torch paths and ignored on
-  the flex path (SALAD never differentiates through it).
+  the flex path (SALAD never differentiates through it). Unused output gradients are not
+  materialised (``ctx.set_materialize_grads(False)``): a loss on ``out`` alone reaches the
+  backward with grad_lse None, so no [B, H, N] fp32 zeros are allocated and read.
 - ``salad::linear_attention``: the fp32 torch reference ``linear_attention_torch``.
 - ``salad::select_topk_blocks``: integer indices, no gradient.
 The forward stays on the fast (Triton) path. Kept between forward and backward: q, k, v and the
@@ -38,13 +43,24 @@ BACKWARD_ENV = "SALAD_BACKWARD_BACKEND"
 BACKWARD_CHOICES = ("auto", "triton", "flex", "torch")
 
 
-def backward_backend(device: torch.device) -> str:
-    """The block-sparse attention backward that SALAD_BACKWARD_BACKEND selects for ``device``."""
+def backward_backend(
+    device: torch.device,
+    *,
+    dtype: torch.dtype | None = None,
+    head_dim: int | None = None,
+    value_dim: int | None = None,
+    block_size: int | None = None,
+) -> str:
+    """The block-sparse attention backward that SALAD_BACKWARD_BACKEND selects for inputs on
+    ``device``. With the inputs' dtype, q/k and v head dims and block size given (the op's
+    setup passes q's and v's), "auto" takes triton only when its backward supports them, and an
+    explicit "triton" that does not raises; left out, they are not checked."""
     choice = os.environ.get(BACKWARD_ENV, "auto")
     if choice not in BACKWARD_CHOICES:
         raise ValueError(f"Expected {BACKWARD_ENV} in {BACKWARD_CHOICES}, got {choice!r}. Try 'auto'.")
     if choice == "auto":
-        if device.type == "cuda" and triton_available():
+        if device.type == "cuda" and triton_available() and _triton_backward_problem(
+                dtype, head_dim, value_dim, block_size) is None:
             return "triton"
         if device.type == "cuda" and flex_available():
             return "flex"
@@ -55,7 +71,21 @@ def backward_backend(device: torch.device) -> str:
             f"Expected {needs} for {BACKWARD_ENV}={choice}, got {device.type} tensors. "
             f"Try {BACKWARD_ENV}=torch."
         )
+    if choice == "triton":
+        problem = _triton_backward_problem(dtype, head_dim, value_dim, block_size)
+        if problem is not None:
+            raise ValueError(f"{problem}. Try {BACKWARD_ENV}=torch.")
     return choice
+
+
+def _triton_backward_problem(dtype, head_dim, value_dim, block_size) -> str | None:
+    """Why the Triton backward cannot take these inputs, or None (also when any is unknown:
+    not checked). Only called with Triton installed: triton_bwd imports it."""
+    if None in (dtype, head_dim, value_dim, block_size):
+        return None
+    from .block_sparse_attn.triton_bwd import unsupported_reason
+
+    return unsupported_reason(dtype, head_dim, value_dim, block_size)
 
 
 def _grads(outputs, inputs, grad_outputs):
@@ -68,7 +98,10 @@ def _grads(outputs, inputs, grad_outputs):
 # -- block-sparse attention -------------------------------------------------------------------
 def _bsa_setup(ctx, inputs, output):
     q, k, v, kv_indices, kv_counts, token_order, block_size, scale, backend = inputs
-    ctx.backward_backend = backward_backend(q.device)
+    ctx.backward_backend = backward_backend(q.device, dtype=q.dtype, head_dim=q.shape[-1],
+                                            value_dim=v.shape[-1], block_size=block_size)
+    # An unused output's gradient stays None instead of zeros (see _bsa_backward).
+    ctx.set_materialize_grads(False)
     # Only the triton backward reads the forward's results; the others recompute them.
     out, lse = output if ctx.backward_backend == "triton" else (None, None)
     ctx.save_for_backward(q, k, v, kv_indices, kv_counts, token_order, out, lse)
@@ -76,23 +109,37 @@ def _bsa_setup(ctx, inputs, output):
 
 
 def _bsa_backward(ctx, grad_out, grad_lse):
-    q, k, v, kv_indices, kv_counts, token_order, out, lse = ctx.saved_tensors
+    """grad_out or grad_lse is None when that output took no part in the loss (grads are not
+    materialised). Inputs that need a gradient still get a tensor (zeros where nothing flows,
+    as before), so ``autograd.grad(lse, v)`` does not call v unused."""
+    saved = ctx.saved_tensors  # once: checkpointing allows a single unpack
+    grads = _bsa_input_grads(ctx, saved, grad_out, grad_lse)
+    grads = [torch.zeros_like(x) if g is None and needed else g
+             for g, x, needed in zip(grads, saved[:3], ctx.needs_input_grad)]
+    return (*grads, None, None, None, None, None, None)
+
+
+def _bsa_input_grads(ctx, saved, grad_out, grad_lse):
+    """(dq, dk, dv), each possibly None (no gradient)."""
+    q, k, v, kv_indices, kv_counts, token_order, out, lse = saved
+    if grad_out is None and (grad_lse is None or ctx.backward_backend == "flex"):
+        return None, None, None  # (flex ignores grad_lse)
     selection = BlockSelection(kv_indices, kv_counts, ctx.block_size, q.shape[2], token_order)
     if ctx.backward_backend == "triton":
-        dq, dk, dv = _bsa_backward_triton_op(
+        if grad_out is None:  # a loss on lse alone (rare): the kernels need a dO
+            grad_out = torch.zeros_like(out)
+        return _bsa_backward_triton_op(
             grad_out, q, k, v, out, lse, grad_lse, kv_indices, kv_counts, token_order,
             ctx.block_size, ctx.scale)
-        return dq, dk, dv, None, None, None, None, None, None
     with torch.enable_grad():
         qd, kd, vd = (t.detach().requires_grad_(True) for t in (q, k, v))
         if ctx.backward_backend == "flex" and not _FLEX_BROKEN:
             try:
-                return (*_flex_grads(qd, kd, vd, selection, ctx.scale, grad_out), None, None, None, None, None, None)
+                return _flex_grads(qd, kd, vd, selection, ctx.scale, grad_out)
             except Exception as exc:  # a broken Inductor must not stop training: torch path
                 _flex_failed(exc)
         out, lse = block_sparse_attention_torch(qd, kd, vd, selection, ctx.scale)
-        dq, dk, dv = _grads((out, lse), (qd, kd, vd), (grad_out, grad_lse))
-    return dq, dk, dv, None, None, None, None, None, None
+        return _grads((out, lse), (qd, kd, vd), (grad_out, grad_lse))
 
 
 # A custom op (with a fake) rather than a direct call, so torch.compile / AOTAutograd can trace

@@ -137,6 +137,67 @@ def test_backward_backend_choice(monkeypatch):
         backward_backend(cpu)
 
 
+TRITON_BWD_OK = dict(dtype=torch.bfloat16, head_dim=128, value_dim=128, block_size=64)
+TRITON_BWD_UNSUPPORTED = [  # (what changes, what the error names)
+    (dict(dtype=torch.float64), "float64"),
+    (dict(head_dim=96), "96"),
+    (dict(value_dim=80), "80"),
+    (dict(block_size=8), "8"),
+]
+
+
+@pytest.mark.skipif(not HAS_TRITON, reason="the auto choice assumes Triton is installed")
+def test_auto_backward_takes_triton_only_for_inputs_it_supports(monkeypatch):
+    from kernels.autograd import BACKWARD_ENV, backward_backend
+    from kernels.registry import flex_available
+
+    cuda = torch.device("cuda")
+    monkeypatch.delenv(BACKWARD_ENV, raising=False)
+    assert backward_backend(cuda, **TRITON_BWD_OK) == "triton"
+    assert backward_backend(cuda, **{**TRITON_BWD_OK, "dtype": torch.float32, "head_dim": 16}) == "triton"
+    other = "flex" if flex_available() else "torch"
+    for bad, _ in TRITON_BWD_UNSUPPORTED:
+        assert backward_backend(cuda, **{**TRITON_BWD_OK, **bad}) == other, bad
+
+
+@pytest.mark.skipif(not HAS_TRITON, reason="needs Triton installed")
+@pytest.mark.parametrize("bad,named", TRITON_BWD_UNSUPPORTED, ids=lambda x: str(x) if isinstance(x, str) else None)
+def test_explicit_triton_backward_refuses_unsupported_inputs(monkeypatch, bad, named):
+    from kernels.autograd import BACKWARD_ENV, backward_backend
+
+    monkeypatch.setenv(BACKWARD_ENV, "triton")
+    with pytest.raises(ValueError, match=rf"^Expected .*, got .*\b{named}\b.*\. Try SALAD_BACKWARD_BACKEND=torch\.$"):
+        backward_backend(torch.device("cuda"), **{**TRITON_BWD_OK, **bad})
+
+
+@pytest.mark.skipif(not HAS_TRITON, reason="needs Triton installed")
+def test_backward_kernel_errors_advise_backward_env():
+    """The Triton backward's own checks point at SALAD_BACKWARD_BACKEND; the forward's keep
+    their backend='torch' advice."""
+    from kernels.block_sparse_attn.triton import block_sparse_attention_triton
+    from kernels.block_sparse_attn.triton_bwd import block_sparse_attention_backward_triton
+
+    def bwd(q, k, v, selection):
+        out, lse = torch.zeros_like(q), torch.zeros(q.shape[:3])
+        block_sparse_attention_backward_triton(out, q, k, v, out, lse, selection)
+
+    n = 32
+    q = torch.zeros(1, 1, n, 24)
+    mask = torch.ones(1, 1, 2, 2, dtype=torch.bool)
+    sel16 = selection_from_block_mask(mask, 16, n)
+    advice = r"\. Try SALAD_BACKWARD_BACKEND=torch\.$"
+    with pytest.raises(ValueError, match=r"^Expected .*got 24.*" + advice):
+        bwd(q, q, q, sel16)
+    with pytest.raises(ValueError, match=r"Try backend='torch'"):
+        block_sparse_attention_triton(q, q, q, sel16)
+    q = torch.zeros(1, 1, n, 16)
+    with pytest.raises(ValueError, match=r"^Expected block_size .*got 8" + advice):
+        bwd(q, q, q, selection_from_block_mask(torch.ones(1, 1, 4, 4, dtype=torch.bool), 8, n))
+    q64 = q.double()
+    with pytest.raises(ValueError, match=r"^Expected .*got .*float64.*" + advice):
+        bwd(q64, q64, q64, sel16)
+
+
 # --------------------------------------------------------------------------- CPU (interpreter)
 
 CPU_CASES = [
@@ -198,8 +259,10 @@ def test_op_triton_backward_matches_torch_cpu(monkeypatch):
 
 
 @cpu_only
-def test_op_triton_backward_traces_under_compile_cpu(monkeypatch):
-    """torch.compile (AOTAutograd) traces the Triton backward through its custom op's fake."""
+@pytest.mark.parametrize("lse_in_loss", [True, False], ids=["out+lse", "out"])
+def test_op_triton_backward_traces_under_compile_cpu(monkeypatch, lse_in_loss):
+    """torch.compile (AOTAutograd) traces the Triton backward through its custom op's fake,
+    also with lse outside the loss (its gradient not materialised)."""
     from kernels.autograd import BACKWARD_ENV
 
     monkeypatch.setenv(BACKWARD_ENV, "triton")
@@ -208,7 +271,7 @@ def test_op_triton_backward_traces_under_compile_cpu(monkeypatch):
 
     def loss(q, k, v):
         out, lse = kernels.block_sparse_attention(q, k, v, selection, backend="torch")
-        return out.square().sum() + lse.sum()
+        return out.square().sum() + (lse.sum() if lse_in_loss else 0)
 
     def grads(fn):
         leaves = [t.detach().requires_grad_(True) for t in (q, k, v)]
@@ -217,6 +280,67 @@ def test_op_triton_backward_traces_under_compile_cpu(monkeypatch):
     compiled = grads(torch.compile(loss, backend="aot_eager", fullgraph=True))
     for got, want in zip(compiled, grads(loss)):
         torch.testing.assert_close(got, want)
+
+
+@cpu_only
+def test_explicit_triton_backward_refuses_unsupported_head_dim_at_forward(monkeypatch):
+    """The op's setup decides the backward from q: an unsupported head dim fails at once."""
+    from kernels.autograd import BACKWARD_ENV
+
+    monkeypatch.setenv(BACKWARD_ENV, "triton")
+    q, k, v = (t.requires_grad_(True) for t in wan_qkv(1, 2, 40, 24, torch.float32, "cpu", seed=3))
+    selection = topk_selection(q.detach(), k.detach(), 16, 2)
+    with pytest.raises(ValueError, match=r"got 24.*Try SALAD_BACKWARD_BACKEND=torch"):
+        kernels.block_sparse_attention(q, k, v, selection, backend="torch")
+
+
+@cpu_only
+@pytest.mark.parametrize("backend", ["triton", "torch"])
+@pytest.mark.parametrize("used", ["out", "lse"])
+def test_unused_output_gradient_is_not_materialized(monkeypatch, backend, used):
+    """A loss of ``out`` alone reaches the backward with grad_lse None (no B*H*N zeros to
+    allocate and read), one of ``lse`` alone with grad_out None; gradients stay exact."""
+    import kernels.autograd as ag
+
+    monkeypatch.setenv(ag.BACKWARD_ENV, backend)
+    seen = []
+    if backend == "triton":
+        real_op = ag._bsa_backward_triton_op
+
+        def spy_op(grad_out, q, k, v, out, lse, grad_lse, *rest):
+            seen.append((grad_out, grad_lse))
+            return real_op(grad_out, q, k, v, out, lse, grad_lse, *rest)
+
+        monkeypatch.setattr(ag, "_bsa_backward_triton_op", spy_op)
+    else:
+        real_grads = ag._grads
+
+        def spy_grads(outputs, inputs, grad_outputs):
+            seen.append(tuple(grad_outputs))
+            return real_grads(outputs, inputs, grad_outputs)
+
+        monkeypatch.setattr(ag, "_grads", spy_grads)
+    q, k, v = wan_qkv(1, 2, 72, 16, torch.float32, "cpu", seed=11)
+    selection = topk_selection(q, k, 16, 2)
+    grad_out, grad_lse = random_grads(q, seed=2)
+    leaves = [t.detach().requires_grad_(True) for t in (q, k, v)]
+    out, lse = kernels.block_sparse_attention(*leaves, selection, scale=0.3, backend="torch")
+    if used == "out":
+        got = torch.autograd.grad(out, leaves, grad_out)
+        grad_lse = torch.zeros_like(grad_lse)
+    else:
+        got = torch.autograd.grad(lse, leaves, grad_lse)
+        grad_out = torch.zeros_like(grad_out)
+    assert len(seen) == 1
+    seen_out, seen_lse = seen[0]
+    if used == "out":
+        assert seen_lse is None and seen_out is not None
+    else:  # the Triton kernels need a dO: zeros, made only in this rare case
+        assert seen_lse is not None and (seen_out is None if backend == "torch" else not seen_out.any())
+    ref = input_grads(dense_reference_fp64, q, k, v, selection, 0.3, grad_out, grad_lse, torch.float64)
+    base = input_grads(block_sparse_attention_torch, q, k, v, selection, 0.3, grad_out, grad_lse)
+    for name, g, b, r in zip(("dq", "dk", "dv"), got, base, ref):
+        assert rel(g, r) <= 2 * rel(b, r) + FLOOR, (name, rel(g, r), rel(b, r))
 
 
 # --------------------------------------------------------------------------- GPU

@@ -30,7 +30,7 @@ import triton.language as tl
 
 from ..layout import out_like
 from ..selection import BlockSelection, valid_mask
-from .triton import LOG2E, _check, _rowmajor, cast_out, interpreting
+from .triton import LOG2E, _rowmajor, cast_out, interpreting
 
 LOG2E_JIT = tl.constexpr(LOG2E)  # the forward's LSE is natural-log; the kernels use exp2
 
@@ -43,6 +43,25 @@ MAX_TILE = 64
 NUM_WARPS = {16: 4, 32: 4, 64: 4, 128: 8, 256: 8}
 NUM_STAGES_DKDV = 2
 NUM_STAGES_DQ = 3
+# What the kernels take (head dims: those with launch settings above; the forward's block sizes).
+DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+BLOCK_SIZES = (16, 32, 64, 128)
+# This backward is chosen by SALAD_BACKWARD_BACKEND (kernels/autograd.py), so errors point there.
+ADVICE = "Try SALAD_BACKWARD_BACKEND=torch."
+
+
+def unsupported_reason(dtype: torch.dtype, head_dim: int, value_dim: int, block_size: int) -> str | None:
+    """Why these kernels cannot take such inputs ("Expected ..., got ..."), or None if they can.
+    Needs no tensors, so kernels/autograd.py can decide from q's metadata (also fake tensors)."""
+    if dtype not in DTYPES:
+        name = str(dtype).removeprefix("torch.")
+        return f"Expected a dtype in (float32, float16, bfloat16) for the Triton backward, got {name}"
+    if head_dim not in NUM_WARPS or value_dim not in NUM_WARPS:
+        return (f"Expected head dims in {tuple(NUM_WARPS)} for the Triton backward, "
+                f"got {head_dim} (q, k) and {value_dim} (v)")
+    if block_size not in BLOCK_SIZES:
+        return f"Expected block_size in {BLOCK_SIZES} for the Triton backward, got {block_size}"
+    return None
 
 
 @triton.jit
@@ -257,11 +276,14 @@ def block_sparse_attention_backward_triton(
     [B, N, H, D] view stays one). ``grad_lse`` (fp32 [B, H, N]) is the gradient of the LSE
     output, or None when nothing differentiates through it.
     """
-    _check(q, k, v, selection)
-    dtypes = {t.dtype for t in (q, k, v, out, grad_out)}
-    if len(dtypes) != 1 or q.dtype not in (torch.float32, torch.float16, torch.bfloat16):
+    problem = unsupported_reason(q.dtype, q.shape[-1], v.shape[-1], selection.block_size)
+    if problem is None and k.shape[-1] != q.shape[-1]:
+        problem = f"Expected k's head dim equal to q's ({q.shape[-1]}), got {k.shape[-1]}"
+    if problem is not None:
+        raise ValueError(f"{problem}. {ADVICE}")
+    if len({t.dtype for t in (q, k, v, out, grad_out)}) != 1:
         raise ValueError(
-            "Expected q, k, v, out and grad_out in one dtype of float32, float16 or bfloat16, got "
+            "Expected q, k, v, out and grad_out in one dtype, got "
             f"{[str(t.dtype) for t in (q, k, v, out, grad_out)]}. Try casting them to q's dtype."
         )
     scale = q.shape[-1] ** -0.5 if scale is None else float(scale)
@@ -331,4 +353,4 @@ def _launch_grads(grads, grad_out, q, k, v, out, lse, grad_lse, selection, scale
     )
 
 
-__all__ = ["block_sparse_attention_backward_triton", "transpose_selection"]
+__all__ = ["block_sparse_attention_backward_triton", "transpose_selection", "unsupported_reason"]
