@@ -177,7 +177,10 @@ def main():
     tag = a.tag or ("h100" if "H100" in dev else "h200" if "H200" in dev else dev.split()[-1].lower())
     from kernels.autograd import backward_backend
 
-    backward = backward_backend(torch.device(DEV))  # sparse-branch backward actually used (kernels/autograd.py)
+    # the sparse-branch backward these runs use (kernels/autograd.py): bf16 on CUDA, head dim 128
+    head_dim = 128  # Wan2.1 and the tiny test model both use heads of 128
+    backward = backward_backend(torch.device(DEV), dtype=torch.bfloat16 if DEV == "cuda" else torch.float32,
+                                head_dim=head_dim, value_dim=head_dim, block_size=16 if TINY else 64)
     out = Path(a.out)
     out.mkdir(parents=True, exist_ok=True)
     try:
