@@ -74,6 +74,16 @@ def _mma_operand(x, dtype: tl.constexpr, DOT_F32: tl.constexpr):
 
 
 @triton.jit
+def _token_rows(order_row, pos, ok, HAS_ORDER: tl.constexpr):
+    """Memory rows of working-order positions ``pos``: through the head's token order (ST-SWA
+    temporal heads) when there is one, else the positions themselves."""
+    rows = pos
+    if HAS_ORDER:  # constexpr: one branch is compiled, so the two dtypes never meet
+        rows = tl.load(order_row + pos, mask=ok, other=0)
+    return rows
+
+
+@triton.jit
 def _bsa_bwd_delta_kernel(
     O, DO, GLSE, DELTA,
     sob, soh, son, sdob, sdoh, sdon, sgb, sgh,
@@ -114,10 +124,7 @@ def _bsa_bwd_dkdv_kernel(
     offs_dv = tl.arange(0, DV)
     pos_n = pid_n * TILE + offs
     n_ok = pos_n < N
-    if HAS_ORDER:
-        rows_n = tl.load(ORDER + h * s_oh + pos_n, mask=n_ok, other=0)
-    else:
-        rows_n = pos_n
+    rows_n = _token_rows(ORDER + h * s_oh, pos_n, n_ok, HAS_ORDER)
     k = tl.load(K + b * skb + h * skh + rows_n[:, None] * skn + offs_d[None, :], mask=n_ok[:, None], other=0.0)
     v = tl.load(V + b * svb + h * svh + rows_n[:, None] * svn + offs_dv[None, :], mask=n_ok[:, None], other=0.0)
     if DOT_F32:
@@ -140,10 +147,7 @@ def _bsa_bwd_dkdv_kernel(
         q_block = tl.load(QB_IDS + start + j // SUB)
         pos_m = q_block * BS + (j % SUB) * TILE + offs
         m_ok = pos_m < N
-        if HAS_ORDER:
-            rows_m = tl.load(ORDER + h * s_oh + pos_m, mask=m_ok, other=0)
-        else:
-            rows_m = pos_m
+        rows_m = _token_rows(ORDER + h * s_oh, pos_m, m_ok, HAS_ORDER)
         q = tl.load(q_base + rows_m[:, None] * sqn + offs_d[None, :], mask=m_ok[:, None], other=0.0)
         do = tl.load(do_base + rows_m[:, None] * sdon + offs_dv[None, :], mask=m_ok[:, None], other=0.0)
         lse2 = tl.load(lse_base + rows_m, mask=m_ok, other=0.0) * LOG2E_JIT
@@ -185,10 +189,7 @@ def _bsa_bwd_dq_kernel(
     offs_dv = tl.arange(0, DV)
     pos_m = pid_m * TILE + offs
     m_ok = pos_m < N
-    if HAS_ORDER:
-        rows_m = tl.load(ORDER + h * s_oh + pos_m, mask=m_ok, other=0)
-    else:
-        rows_m = pos_m
+    rows_m = _token_rows(ORDER + h * s_oh, pos_m, m_ok, HAS_ORDER)
     q = tl.load(Q + b * sqb + h * sqh + rows_m[:, None] * sqn + offs_d[None, :], mask=m_ok[:, None], other=0.0)
     do = tl.load(DO + b * sdob + h * sdoh + rows_m[:, None] * sdon + offs_dv[None, :], mask=m_ok[:, None], other=0.0)
     lse2 = tl.load(LSE + b * slb + h * slh + rows_m, mask=m_ok, other=0.0) * LOG2E_JIT
@@ -207,10 +208,7 @@ def _bsa_bwd_dq_kernel(
         key_block = tl.load(kvi + j // SUB)
         pos_n = key_block * BS + (j % SUB) * TILE + offs
         n_ok = pos_n < N
-        if HAS_ORDER:
-            rows_n = tl.load(ORDER + h * s_oh + pos_n, mask=n_ok, other=0)
-        else:
-            rows_n = pos_n
+        rows_n = _token_rows(ORDER + h * s_oh, pos_n, n_ok, HAS_ORDER)
         k = tl.load(k_base + rows_n[:, None] * skn + offs_d[None, :], mask=n_ok[:, None], other=0.0)
         v = tl.load(v_base + rows_n[:, None] * svn + offs_dv[None, :], mask=n_ok[:, None], other=0.0)
         if DOT_F32:
