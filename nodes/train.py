@@ -114,12 +114,12 @@ class SaladTrain(io.ComfyNode):
             bar = comfy.utils.ProgressBar(steps)
             # ComfyUI runs nodes under inference_mode; weights loaded there cannot be saved for
             # backward, so training uses normal copies, and the shared model gets its own tensors
-            # (and its stock modules, see restore()) back in `finally`.
+            # (and its blocks' modules and forwards, _restore_blocks) back in `finally`.
             # Everything that changes the shared model happens inside the `try`, so a failed set-up
             # (e.g. a SALAD-patched MODEL input) leaves it as it was too.
             with torch.inference_mode(False), torch.enable_grad():
                 blocks = _block_state(dm)
-                originals, train_model = [], None
+                originals = []
                 try:
                     _uninference(dm, originals)
                     train_model = SaladTrainModel(dm, cfg.salad_config(), lora_rank, True, True)
@@ -128,9 +128,7 @@ class SaladTrain(io.ComfyNode):
                                       progress=lambda step, total, loss: bar.update_absolute(step, total))
                     losses = trainer.run(steps)
                     weights = train_model.export_weights(trainer.step)
-                finally:
-                    if train_model is not None:
-                        train_model.restore()
+                finally:  # _restore_blocks undoes all of SaladTrainModel's block changes (what restore() would)
                     _restore_blocks(blocks)
                     _restore_tensors(originals)
             from salad_core.weights import save_salad_weights

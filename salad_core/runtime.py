@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import contextlib
 import logging
-import math
 from dataclasses import dataclass
 
 import torch
@@ -51,7 +50,7 @@ class SaladRuntime:
         cfg = self.config
         if cfg.sparse_mode != "topk" or cfg.topk == 0 or self._warned_dense_topk:
             return
-        n_blocks = math.ceil(grid[0] * grid[1] * grid[2] / cfg.block_size)
+        n_blocks = kernels.num_blocks(grid[0] * grid[1] * grid[2], cfg.block_size)
         if cfg.topk >= n_blocks:
             self._warned_dense_topk = True
             log.warning("SALAD: topk %d keeps all %d key blocks of this video: attention is dense (no speed-up). "

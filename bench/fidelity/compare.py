@@ -149,9 +149,8 @@ def _latent_thw(spec: ClipSpec):
 
 def variant_model(dm, cfg: CompareConfig, mode: str, variant: str) -> SaladTrainModel:
     # dense_lora: Top-K with every key block kept is exact dense attention (tested in the foundation)
-    sparsity = 0.0 if variant == "dense_lora" else cfg.sparsity
-    sc = SaladConfig(sparse_mode="topk" if variant == "dense_lora" else mode, sparsity=sparsity,
-                     block_size=cfg.block_size, backend=cfg.backend)
+    mode, sparsity = ("topk", 0.0) if variant == "dense_lora" else (mode, cfg.sparsity)
+    sc = SaladConfig(sparse_mode=mode, sparsity=sparsity, block_size=cfg.block_size, backend=cfg.backend)
     lb = variant.startswith("salad")
     rank = {"sparse_only": 0, "lora_matched": matched_rank(dm, cfg.lora_rank)}.get(variant, cfg.lora_rank)
     fixed = {"salad_nogate": 1.0, "salad_const05": 0.5}.get(variant)
