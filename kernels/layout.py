@@ -19,6 +19,11 @@ def out_like(q: torch.Tensor, dv: int, dtype: torch.dtype | None = None) -> torc
     return torch.empty(b, h, n, dv, dtype=dtype, device=q.device)
 
 
+def rowmajor(x: torch.Tensor) -> torch.Tensor:
+    """x if its last dimension is contiguous (what the Triton kernels index), else a copy."""
+    return x if x.stride(-1) == 1 else x.contiguous()
+
+
 def _wan_layout(q: torch.Tensor) -> bool:
     b, h, n, _ = q.shape
     return h > 1 and n > 1 and q.stride(1) < q.stride(2)

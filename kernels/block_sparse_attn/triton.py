@@ -20,7 +20,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ..layout import out_like
+from ..layout import out_like, rowmajor
 from ..selection import BlockSelection
 from .naive import from_working_order, to_working_order
 
@@ -54,6 +54,28 @@ def cast_out(x, dtype: tl.constexpr, EMULATE_RNE: tl.constexpr):
             bits = (bits + 0x7FFF + ((bits >> 16) & 1)) & -65536
             x = bits.to(tl.float32, bitcast=True)
     return x.to(dtype)
+
+@triton.jit
+def linear_apply_tile(q, SHI, SLO, Z, EPS, SCALE, bh, b, offs_d, offs_dv,
+                      D: tl.constexpr, DV: tl.constexpr, HAS_SCALE: tl.constexpr, DOT_F32: tl.constexpr):
+    """The linear branch for a tile of query rows (paper eq. 3), fp32:
+    relu(q) S / (relu(q) z + eps) [* scale[b]], with S = hi + lo from linear_attn.triton's
+    linear_prepare. Shared by the linear-apply kernel and the sparse kernel's epilogue."""
+    fq = tl.maximum(q, 0.0).to(q.dtype)  # relu is exact in q's dtype
+    s_off = bh * D * DV + offs_d[:, None] * DV + offs_dv[None, :]
+    hi = tl.load(SHI + s_off)
+    lo = tl.load(SLO + s_off)
+    if DOT_F32:  # the CPU interpreter multiplies bf16 as raw uint16: upcast there only
+        num = tl.dot(fq.to(tl.float32), hi.to(tl.float32)) + tl.dot(fq.to(tl.float32), lo.to(tl.float32))
+    else:
+        num = tl.dot(fq, hi) + tl.dot(fq, lo)
+    z = tl.load(Z + bh * D + offs_d)
+    den = tl.sum(fq.to(tl.float32) * z[None, :], 1) + tl.load(EPS + bh)
+    out = num / den[:, None]
+    if HAS_SCALE:
+        out = out * tl.load(SCALE + b).to(tl.float32)
+    return out
+
 
 # "gather": index q/k/v rows through token_order inside the kernel; "permute": copy q/k/v into
 # each head's working order first, and the output back after; "auto": gather below
@@ -132,25 +154,9 @@ def _bsa_fwd_kernel(
     tl.store(LSE + b * slb + h * slh + rows_m, lse, mask=m_ok)
 
     if HAS_LINEAR:
-        fq = tl.maximum(q, 0.0).to(q.dtype)
-        s_off = bh * D * DV + offs_d[:, None] * DV + offs_dv[None, :]
-        hi = tl.load(SHI + s_off)
-        lo = tl.load(SLO + s_off)
-        if DOT_F32:
-            num = tl.dot(fq.to(tl.float32), hi.to(tl.float32)) + tl.dot(fq.to(tl.float32), lo.to(tl.float32))
-        else:
-            num = tl.dot(fq, hi) + tl.dot(fq, lo)
-        z = tl.load(Z + bh * D + offs_d)
-        den = tl.sum(fq.to(tl.float32) * z[None, :], 1) + tl.load(EPS + bh)
-        ol = num / den[:, None]
-        if HAS_LSCALE:
-            ol = ol * tl.load(LSCALE + b).to(tl.float32)
+        ol = linear_apply_tile(q, SHI, SLO, Z, EPS, LSCALE, bh, b, offs_d, offs_dv, D, DV, HAS_LSCALE, DOT_F32)
         tl.store(OL + b * solb + h * solh + rows_m[:, None] * soln + offs_dv[None, :],
                  cast_out(ol, OL.dtype.element_ty, DOT_F32), mask=m_ok[:, None])
-
-
-def _rowmajor(x: torch.Tensor) -> torch.Tensor:
-    return x if x.stride(-1) == 1 else x.contiguous()
 
 
 def _launch(q, k, v, selection: BlockSelection, scale, order, linear=None, linear_scale=None):
@@ -158,7 +164,7 @@ def _launch(q, k, v, selection: BlockSelection, scale, order, linear=None, linea
     b, h, n, d = q.shape
     dv = v.shape[-1]
     bs = selection.block_size
-    q, k, v = _rowmajor(q), _rowmajor(k), _rowmajor(v)
+    q, k, v = rowmajor(q), rowmajor(k), rowmajor(v)
     out = out_like(q, dv)
     lse = torch.empty(b, h, n, device=q.device, dtype=torch.float32)
     kvi, kvc = selection.kv_indices, selection.kv_counts

@@ -28,9 +28,9 @@ import torch
 import triton
 import triton.language as tl
 
-from ..layout import out_like
+from ..layout import out_like, rowmajor
 from ..selection import BlockSelection, valid_mask
-from .triton import LOG2E, _rowmajor, cast_out, interpreting
+from .triton import LOG2E, cast_out, interpreting
 
 LOG2E_JIT = tl.constexpr(LOG2E)  # the forward's LSE is natural-log; the kernels use exp2
 
@@ -287,9 +287,9 @@ def block_sparse_attention_backward_triton(
     scale = q.shape[-1] ** -0.5 if scale is None else float(scale)
     # Allocated from the caller's tensors, so the layout matches the custom op's fake.
     grads = out_like(q, q.shape[-1]), out_like(k, k.shape[-1]), out_like(v, v.shape[-1])
-    q, k, v, out, grad_out, lse = (_rowmajor(t) for t in (q, k, v, out, grad_out, lse))
+    q, k, v, out, grad_out, lse = (rowmajor(t) for t in (q, k, v, out, grad_out, lse))
     if grad_lse is not None:  # e.g. an expanded (stride 0) gradient of lse.sum()
-        grad_lse = _rowmajor(grad_lse)
+        grad_lse = rowmajor(grad_lse)
     _launch_grads(grads, grad_out, q, k, v, out, lse, grad_lse, selection, scale)
     return grads
 

@@ -15,8 +15,8 @@ import torch
 import triton
 import triton.language as tl
 
-from ..block_sparse_attn.triton import cast_out, interpreting
-from ..layout import out_like
+from ..block_sparse_attn.triton import cast_out, interpreting, linear_apply_tile
+from ..layout import out_like, rowmajor
 from .naive import DEFAULT_EPS
 
 STATE_ROWS_PER_PROGRAM = 1024
@@ -75,19 +75,7 @@ def _apply_kernel(
     offs_d = tl.arange(0, D)
     offs_dv = tl.arange(0, DV)
     q = tl.load(Q + b * sqb + h * sqh + rows[:, None] * sqn + offs_d[None, :], mask=ok[:, None], other=0.0)
-    fq = tl.maximum(q, 0.0).to(q.dtype)  # relu is exact in q's dtype
-    s_off = bh * D * DV + offs_d[:, None] * DV + offs_dv[None, :]
-    hi = tl.load(SHI + s_off)
-    lo = tl.load(SLO + s_off)
-    if DOT_F32:  # the CPU interpreter multiplies bf16 as raw uint16: upcast there only
-        num = tl.dot(fq.to(tl.float32), hi.to(tl.float32)) + tl.dot(fq.to(tl.float32), lo.to(tl.float32))
-    else:
-        num = tl.dot(fq, hi) + tl.dot(fq, lo)
-    z = tl.load(Z + bh * D + offs_d)
-    den = tl.sum(fq.to(tl.float32) * z[None, :], 1) + tl.load(EPS + bh)
-    out = num / den[:, None]
-    if HAS_SCALE:
-        out = out * tl.load(SCALE + b).to(tl.float32)
+    out = linear_apply_tile(q, SHI, SLO, Z, EPS, SCALE, bh, b, offs_d, offs_dv, D, DV, HAS_SCALE, DOT_F32)
     tl.store(O + b * sob + h * soh + rows[:, None] * son + offs_dv[None, :],
              cast_out(out, O.dtype.element_ty, DOT_F32), mask=ok[:, None])
 
@@ -104,15 +92,11 @@ def linear_prepare(state: torch.Tensor, z: torch.Tensor, eps: float, dtype: torc
     return hi, lo, (z / c[..., None]).contiguous(), (eps / c).contiguous()
 
 
-def _rowmajor(x: torch.Tensor) -> torch.Tensor:
-    return x if x.stride(-1) == 1 else x.contiguous()
-
-
 def linear_state_triton(k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """(S fp32 [B, H, D, Dv], z fp32 [B, H, D]), contiguous."""
     b, h, n, d = k.shape
     dv = v.shape[-1]
-    k, v = _rowmajor(k), _rowmajor(v)
+    k, v = rowmajor(k), rowmajor(v)
     state = torch.zeros(b, h, d, dv, device=k.device, dtype=torch.float32)
     z = torch.zeros(b, h, d, device=k.device, dtype=torch.float32)
     rows = STATE_ROWS_PER_PROGRAM
@@ -129,7 +113,7 @@ def linear_apply_triton(q, state, z, eps=DEFAULT_EPS, out_scale: torch.Tensor | 
     """relu(q) S / (relu(q) z + eps), times ``out_scale`` (fp32 [B], optional) per sample."""
     b, h, n, d = q.shape
     dv = state.shape[-1]
-    q = _rowmajor(q)
+    q = rowmajor(q)
     hi, lo, zn, epsn = linear_prepare(state, z, eps, q.dtype)
     out = out_like(q, dv)
     if POISON_OUTPUTS:
