@@ -168,6 +168,8 @@ def main():
     ap.add_argument("--deadline-s", type=float, default=200)
     ap.add_argument("--cases", default="salad_full_topk_90,lora_only_topk_90", help="speed cases besides dense_lora")
     ap.add_argument("--tag", default=None, help="results file tag (default: h100 / h200 / device)")
+    ap.add_argument("--profile", action="store_true",
+                    help="only profile one SALAD fwd+bwd at the first --frames: <out>/train-profile-<tag>.txt")
     a = ap.parse_args()
     setup_comfy()
     t_start = time.time()
@@ -189,6 +191,9 @@ def main():
         sha = os.environ.get("GIT_SHA", "")
     sha = sha or os.environ.get("GIT_SHA", "")
     records = []
+    if a.profile:
+        profile_salad(a.frames[0], DEFAULT_LORA_RANK, out / f"train-profile-{tag}.txt", backward)
+        return
 
     def rec(case, shape, metric, value, baseline_case=None, speedup=None, **extra):
         r = {"bench": "train", "case": case, "shape": shape, "device": dev, "metric": metric, "value": value,
@@ -244,6 +249,24 @@ def main():
         rec(case, sname, "distill_rel_l2", end, trainable=n, lora_rank=rank, steps=a.distill_steps,
             lr=a.distill_lr, step_s=step_s, start=start)
     write_md(records, out / f"train-{tag}.md", dev)
+
+
+def profile_salad(frames, rank, path, backward):
+    """torch.profiler over one SALAD fwd+bwd+AdamW step after a warm-up: the kernels by CUDA
+    time (self), and the top-level ops grouped with their input shapes."""
+    from torch.profiler import ProfilerActivity, profile
+
+    x, sigma, ctx = inputs(frames, *((64, 64) if TINY else (480, 832)))
+    m, params = salad_model(rank, True)
+    time_fwd_bwd(m, params, x, sigma, ctx, iters=1, warmup=1)
+    acts = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if DEV == "cuda" else [])
+    with profile(activities=acts) as prof:
+        time_fwd_bwd(m, params, x, sigma, ctx, iters=1, warmup=0)
+    key = "self_cuda_time_total" if DEV == "cuda" else "self_cpu_time_total"
+    text = (f"SALAD fwd+bwd+AdamW, {frames} frames, LoRA r={rank}, backward={backward}\n"
+            + prof.key_averages().table(sort_by=key, row_limit=45, max_name_column_width=90))
+    path.write_text(text)
+    print(text, flush=True)
 
 
 def write_md(records, path, dev):
