@@ -39,10 +39,16 @@ POISON_OUTPUTS = False
 
 # Largest tile edge. 64 x 64 keeps the fp32 dK/dV accumulators of a D=128 tile in registers.
 MAX_TILE = 64
-# Launch settings per head dim, no autotuning (shapes vary per call in training).
-NUM_WARPS = {16: 4, 32: 4, 64: 4, 128: 8, 256: 8}
-NUM_STAGES_DKDV = 2
-NUM_STAGES_DQ = 3
+# Launch settings per kernel and head dim, no autotuning (shapes vary per call in training).
+# bench/attention_bwd.py --sweep on an H100 (1.3B shape, N 31200, D 128, Top-K 90%): dK/dV 4
+# warps 3 stages + dQ 4 warps 2 stages 5.12 ms for the whole backward, against 9.08 ms with 8
+# warps for both (8 warps was 1.3-2x slower in every pairing). D = 256 keeps 8 warps: its two
+# fp32 [64, 256] accumulators need the registers.
+NUM_WARPS_DKDV = {16: 4, 32: 4, 64: 4, 128: 4, 256: 8}
+NUM_WARPS_DQ = {16: 4, 32: 4, 64: 4, 128: 4, 256: 8}
+NUM_STAGES_DKDV = 3
+NUM_STAGES_DQ = 2
+HEAD_DIMS = tuple(NUM_WARPS_DKDV)
 # What the kernels take (head dims: those with launch settings above; the forward's block sizes).
 DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 BLOCK_SIZES = (16, 32, 64, 128)
@@ -56,8 +62,8 @@ def unsupported_reason(dtype: torch.dtype, head_dim: int, value_dim: int, block_
     if dtype not in DTYPES:
         name = str(dtype).removeprefix("torch.")
         return f"Expected a dtype in (float32, float16, bfloat16) for the Triton backward, got {name}"
-    if head_dim not in NUM_WARPS or value_dim not in NUM_WARPS:
-        return (f"Expected head dims in {tuple(NUM_WARPS)} for the Triton backward, "
+    if head_dim not in HEAD_DIMS or value_dim not in HEAD_DIMS:
+        return (f"Expected head dims in {HEAD_DIMS} for the Triton backward, "
                 f"got {head_dim} (q, k) and {value_dim} (v)")
     if block_size not in BLOCK_SIZES:
         return f"Expected block_size in {BLOCK_SIZES} for the Triton backward, got {block_size}"
@@ -304,7 +310,6 @@ def _launch_grads(grads, grad_out, q, k, v, out, lse, grad_lse, selection, scale
     dot_f32 = interpreting()
     # fp32 inputs get true fp32 products (tl.dot would use TF32); 16-bit inputs are unaffected.
     precision = "ieee" if q.dtype == torch.float32 else "tf32"
-    num_warps = NUM_WARPS[d]
     # Token orders are gathered inside the kernels (rows read and written through token_order)
     # rather than by permuted copies of q, k, v, out, dO and dq, dk, dv: every row is written by
     # exactly one program, and it saves eight tensor-sized copies per layer.
@@ -330,7 +335,7 @@ def _launch_grads(grads, grad_out, q, k, v, out, lse, grad_lse, selection, scale
 
     q_block_ids, q_block_start, q_block_count = transpose_selection(selection)
     common = dict(BS=bs, TILE=tile, D=d, DV=dv_dim, HAS_ORDER=has_order, DOT_F32=dot_f32,
-                  PRECISION=precision, num_warps=num_warps)
+                  PRECISION=precision)
     qkv_strides = (*_strides3(q), *_strides3(k), *_strides3(v), *_strides3(grad_out),
                    lse.stride(0), lse.stride(1))
     qk_scale = scale * LOG2E
@@ -338,7 +343,7 @@ def _launch_grads(grads, grad_out, q, k, v, out, lse, grad_lse, selection, scale
         q, k, v, grad_out, lse, delta, dk, dv, q_block_ids, q_block_start, q_block_count, order,
         *qkv_strides, *_strides3(dk), *_strides3(dv), order_stride,
         h, n, selection.n_blocks, qk_scale, scale,
-        num_stages=NUM_STAGES_DKDV, **common,
+        num_warps=NUM_WARPS_DKDV[d], num_stages=NUM_STAGES_DKDV, **common,
     )
     kvi, kvc = selection.kv_indices, selection.kv_counts
     kvi = kvi if kvi.stride(-1) == 1 else kvi.contiguous()
@@ -347,7 +352,7 @@ def _launch_grads(grads, grad_out, q, k, v, out, lse, grad_lse, selection, scale
         q, k, v, grad_out, lse, delta, dq, kvi, kvc, order,
         *qkv_strides, *_strides3(dq), *_strides3(kvi), kvc.stride(0), kvc.stride(1), order_stride,
         h, n, qk_scale, scale,
-        num_stages=NUM_STAGES_DQ, **common,
+        num_warps=NUM_WARPS_DQ[d], num_stages=NUM_STAGES_DQ, **common,
     )
 
 
