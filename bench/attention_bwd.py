@@ -118,16 +118,14 @@ def main():
 
 
 def flex_case(q, k, v, sel, grad, rec, reps):
-    """FlexAttention fwd + its compiled bwd on the same block mask (kernels/autograd.py's flex
-    backward). A failure to lower is reported, not fatal: it is a finding, not a crash."""
-    from kernels.autograd import _flex_train
-    from kernels.block_sparse_attn.flex import block_mask_from_selection
+    """FlexAttention fwd + its compiled bwd on the same block mask, as kernels/autograd.py's
+    flex backward runs it. A failure to lower is reported, not fatal: it is a finding."""
+    from kernels.autograd import flex_sparse_attention
 
-    mask = block_mask_from_selection(sel)
     fq, fk, fv = (t.detach().contiguous().requires_grad_(True) for t in (q, k, v))
     g = grad.contiguous()
     try:
-        ms = time_ms(lambda: _flex_train()(fq, fk, fv, block_mask=mask).backward(g), reps)
+        ms = time_ms(lambda: flex_sparse_attention(fq, fk, fv, sel, fq.shape[-1] ** -0.5).backward(g), reps)
     except Exception as exc:  # Inductor lowering errors come in many types
         print(f"# flex_fwdbwd failed: {type(exc).__name__}: {str(exc).splitlines()[0][:300]}", flush=True)
         return

@@ -180,17 +180,30 @@ def _flex_train():
     return torch.compile(flex_attention, dynamic=False)
 
 
-def _flex_grads(qd, kd, vd, selection, scale, grad_out):
-    """FlexAttention fwd + its fused bwd on the same block mask. No kernel_options and no LSE
-    output: the forward path's BLOCK_M/BLOCK_N=64 + return_lse failed to lower for the backward
-    on H100 / torch 2.11 (bench/results/train-h100.md), so Flex picks its own tile sizes here."""
+def flex_backward_options(block_size: int) -> dict:
+    """FlexAttention backward tiles that divide SALAD's block size. torch 2.11's defaults
+    (128-wide) fail to lower on 64-token blocks ("Q and KV block size must be divisible by
+    BLOCK_M and BLOCK_N", H100), which sent every flex backward to the slow torch path."""
+    small, wide = min(32, block_size), min(64, block_size)
+    return {"BLOCK_M1": small, "BLOCK_N1": wide, "BLOCK_M2": wide, "BLOCK_N2": small}
+
+
+def flex_sparse_attention(q, k, v, selection, scale):
+    """Differentiable FlexAttention on the selection's block mask (working order in and out)."""
     from .block_sparse_attn.flex import block_mask_from_selection
+
+    return _flex_train()(q, k, v, block_mask=block_mask_from_selection(selection), scale=scale,
+                         kernel_options=flex_backward_options(selection.block_size))
+
+
+def _flex_grads(qd, kd, vd, selection, scale, grad_out):
+    """FlexAttention fwd + its fused bwd on the same block mask (no LSE output: SALAD never
+    differentiates through it here)."""
     from .block_sparse_attn.naive import from_working_order, to_working_order
 
     order = selection.token_order
     qw, kw, vw = (to_working_order(t, order) for t in (qd, kd, vd))
-    out = _flex_train()(qw, kw, vw, block_mask=block_mask_from_selection(selection), scale=scale)
-    out = from_working_order(out, order)
+    out = from_working_order(flex_sparse_attention(qw, kw, vw, selection, scale), order)
     return _grads((out,), (qd, kd, vd), (grad_out,))
 
 
