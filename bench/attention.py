@@ -9,6 +9,9 @@ flex_<mode>_<s> (FlexAttention, same block mask, mask prebuilt), salad_sparse_<m
 topk — stswa's is static and cached — + fused sparse/linear kernel + gate + proj, O written in
 place), salad_full_<mode>_<s>_unfused (separate sparse and linear ops), and
 salad_sparse_stswa_<s>_permute (explicit permutation copies instead of the fused gather).
+Linear branch alone: linear_only (forward), linear_bwd (forward + the op's analytic backward) and
+linear_bwd_recompute (forward + the backward it replaced: autograd through the fp32 torch
+reference recomputed from q, k, v).
 Times are medians of >= ``--reps`` CUDA-event-timed calls after warm-up. Prints one JSON line
 per measurement and writes bench/results/attention-<device>.json and .md.
 """
@@ -33,6 +36,7 @@ import kernels  # noqa: E402
 from kernels.block_sparse_attn import triton as bsa_triton  # noqa: E402
 from kernels.block_sparse_attn.flex import block_mask_from_selection, flex_call  # noqa: E402
 from kernels.block_sparse_attn.naive import block_sparse_attention_torch, to_working_order  # noqa: E402
+from kernels.linear_attn.naive import linear_attention_torch  # noqa: E402
 
 SHAPES = {
     # name: (B, H, grid (frames, h, w) after patchify, D)
@@ -88,6 +92,20 @@ def record(ctx, case, metric, value, **extra):
     rec.update(extra)
     RECORDS.append(rec)
     print(json.dumps(rec), flush=True)
+
+
+def linear_bwd(q, k, v, grad_out):
+    """Training step of the linear branch: the Triton forward, the op's analytic backward."""
+    leaves = [t.detach().requires_grad_(True) for t in (q, k, v)]
+    return torch.autograd.grad(kernels.linear_attention(*leaves, backend="triton"), leaves, grad_out)
+
+
+def linear_bwd_recompute(q, k, v, grad_out):
+    """The same with the backward that linear_bwd replaced: recompute with the fp32 torch
+    reference and differentiate it."""
+    kernels.linear_attention(q, k, v, backend="triton")
+    leaves = [t.detach().requires_grad_(True) for t in (q, k, v)]
+    return torch.autograd.grad(linear_attention_torch(*leaves), leaves, grad_out)
 
 
 def topk_for(nb: int, sparsity: int) -> int:
@@ -222,6 +240,10 @@ def run_shape(name, args, ctx):
                            time_ms(lambda topk=topk: kernels.select_topk_blocks(q, k, BLOCK, topk, backend="triton"), reps))
                 if sparsity == 90 and mode == "topk":
                     record(ctx, "linear_only", "ms", time_ms(lambda: kernels.linear_attention(q, k, v, backend="triton"), reps))
+                    grad_lin = torch.randn_like(q)
+                    for case, step in (("linear_bwd", linear_bwd), ("linear_bwd_recompute", linear_bwd_recompute)):
+                        record(ctx, case, "ms", time_ms(lambda step=step: step(q, k, v, grad_lin), reps))
+                    del grad_lin
                     record(ctx, "proj_gemm", "ms", time_ms(lambda: F.linear(x, w_proj, b_proj), reps))
                 if args.profile and sparsity == 90 and name == "wan1.3b_480p81":
                     profile(full, f"{name}_{tag}", args)

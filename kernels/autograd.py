@@ -19,7 +19,14 @@
   the flex path (SALAD never differentiates through it). Unused output gradients are not
   materialised (``ctx.set_materialize_grads(False)``): a loss on ``out`` alone reaches the
   backward with grad_lse None, so no [B, H, N] fp32 zeros are allocated and read.
-- ``salad::linear_attention``: the fp32 torch reference ``linear_attention_torch``.
+- ``salad::linear_attention``: analytic gradients, no forward recompute (formulas in
+  linear_attn/triton_bwd.py). SALAD_BACKWARD_BACKEND again, read when the forward runs:
+  "triton" (kernels that keep q, k, v in their 16-bit dtype and multiply on tensor cores; wrapped
+  as the custom op ``salad::linear_attention_backward``) or "torch" (the fp32 formulas of
+  ``linear_attention_backward_torch``). "auto" and "flex" (there is no flex version) take triton
+  on CUDA when Triton is installed and its kernels take the inputs, else torch; fp32 inputs
+  always take torch (cuBLAS multiplies them exactly). An explicit "triton" that cannot run raises
+  ValueError when the forward runs.
 - ``salad::select_topk_blocks``: integer indices, no gradient.
 The forward stays on the fast (Triton) path. Kept between forward and backward: q, k, v and the
 selection, plus ``out`` and ``lse`` for the triton backward.
@@ -34,7 +41,7 @@ import torch
 
 from .block_sparse_attn.naive import block_sparse_attention_torch
 from .layout import out_like
-from .linear_attn.naive import linear_attention_torch
+from .linear_attn.naive import linear_attention_backward_torch
 from .registry import backend_usable, flex_available, triton_available
 from .selection import BlockSelection
 
@@ -217,19 +224,53 @@ def _flex_failed(exc: Exception) -> None:
 
 
 # -- linear attention ---------------------------------------------------------------------------
+def linear_backward_backend(device: torch.device, dtype: torch.dtype, head_dim: int, value_dim: int) -> str:
+    """The salad::linear_attention backward ("triton" or "torch") that SALAD_BACKWARD_BACKEND
+    selects for inputs on ``device`` with q's dtype and the q/k and v head dims."""
+    choice = backward_backend(device)  # checks the variable, and an explicit choice's device
+    if choice == "flex":  # no FlexAttention version of this backward
+        choice = "triton" if triton_available() else "torch"
+    if choice == "torch" or dtype == torch.float32:
+        return "torch"
+    from .linear_attn.triton_bwd import ADVICE, unsupported_reason
+
+    problem = unsupported_reason(dtype, head_dim, value_dim)
+    if problem is None:
+        return "triton"
+    if os.environ.get(BACKWARD_ENV) == "triton":
+        raise ValueError(f"{problem}. {ADVICE}")
+    return "torch"
+
+
 def _lin_setup(ctx, inputs, output):
     q, k, v, eps, backend = inputs
+    ctx.backward_backend = linear_backward_backend(q.device, q.dtype, q.shape[-1], v.shape[-1])
     ctx.save_for_backward(q, k, v)
     ctx.eps = eps
 
 
 def _lin_backward(ctx, grad_out):
     q, k, v = ctx.saved_tensors
-    with torch.enable_grad():
-        qd, kd, vd = (t.detach().requires_grad_(True) for t in (q, k, v))
-        out = linear_attention_torch(qd, kd, vd, ctx.eps)
-        dq, dk, dv = _grads((out,), (qd, kd, vd), (grad_out,))
+    if ctx.backward_backend == "triton":
+        dq, dk, dv = _lin_backward_triton_op(grad_out, q, k, v, ctx.eps)
+    else:
+        dq, dk, dv = linear_attention_backward_torch(grad_out, q, k, v, ctx.eps)
     return dq, dk, dv, None, None
+
+
+# A custom op (with a fake) for the same reason as salad::block_sparse_attention_backward.
+@torch.library.custom_op("salad::linear_attention_backward", mutates_args=())
+def _lin_backward_triton_op(
+    grad_out: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, eps: float
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    from .linear_attn.triton_bwd import linear_attention_backward_triton
+
+    return linear_attention_backward_triton(grad_out, q, k, v, eps)
+
+
+@_lin_backward_triton_op.register_fake
+def _(grad_out, q, k, v, eps):
+    return out_like(q, q.shape[-1]), out_like(k, k.shape[-1]), out_like(v, v.shape[-1])
 
 
 # -- selection ----------------------------------------------------------------------------------

@@ -2,7 +2,8 @@
 
 ``linear_attention_naive`` is the explicit O(N^2) kernel form (the ground truth);
 ``linear_attention_torch`` uses the associative state form with fp32 sums (the portable
-backend). Inputs [B, H, N, D]; output [B, H, N, D] in q's dtype.
+backend), ``linear_attention_backward_torch`` its analytic gradients. Inputs [B, H, N, D]; output
+[B, H, N, D] in q's dtype.
 """
 
 from __future__ import annotations
@@ -36,3 +37,24 @@ def linear_attention_torch(
     fq = torch.relu(q.float())
     out = (fq @ kv) / ((fq @ z.unsqueeze(-1)) + eps)
     return out.to(q.dtype)
+
+
+def linear_attention_backward_torch(
+    grad_out: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, eps: float = DEFAULT_EPS
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(dq, dk, dv) of linear_attention_torch, analytic and in fp32 like it (the portable path;
+    formulas in linear_attn/triton_bwd.py). With t = dO S^T and a = dO . o per row:
+    dq = (t - a z) / den [q > 0], dS = sum phi(q)^T dO / den, dz = -sum phi(q) a / den,
+    dk = (v dS^T + dz) [k > 0], dv = phi(k) dS."""
+    state, z = linear_attention_state(k, v)
+    fq, fk, do = torch.relu(q.float()), torch.relu(k.float()), grad_out.float()
+    den = fq @ z.unsqueeze(-1) + eps  # [B, H, N, 1]
+    t = do @ state.transpose(-1, -2)
+    a = (fq * t).sum(-1, keepdim=True) / den
+    dq = torch.where(q > 0, (t - a * z.unsqueeze(-2)) / den, 0)
+    p = fq / den
+    dstate = p.transpose(-1, -2) @ do
+    dz = -(p * a).sum(2)
+    dk = torch.where(k > 0, v.float() @ dstate.transpose(-1, -2) + dz.unsqueeze(-2), 0)
+    dv = fk @ dstate
+    return dq.to(q.dtype), dk.to(k.dtype), dv.to(v.dtype)
