@@ -114,15 +114,18 @@ class SaladSelfAttention(nn.Module):
         """RoPE'd q, k and v as [B, H, N, D] views, computed as the stock forward does (also
         used by salad_core.calibrate). With the fused kernels (Triton backend, see
         SaladRuntime.fused_kernels) q/k RMSNorm + RoPE run as one pass
-        (``salad::qk_norm_rope``); otherwise exactly the stock ops."""
+        (``salad::qk_norm_rope``, differentiable: training uses it too); otherwise exactly
+        the stock ops."""
         b, n = x.shape[:2]
         h, d = self.num_heads, self.head_dim
         if fused is None:
             fused = self.runtime.fused_kernels(x.device)
-        if fused and not torch.is_grad_enabled() and self._plain_norms(x):  # no autograd there
+        x = _autocast_input(x)
+        if fused and self._plain_norms(x):
             backend = self.runtime.config.backend
-            q = qk_norm_rope(self.q(x), _plain_weight(self.norm_q, x), freqs, h, _eps(self.norm_q, x), backend)
-            k = qk_norm_rope(self.k(x), _plain_weight(self.norm_k, x), freqs, h, _eps(self.norm_k, x), backend)
+            q, k = self.q(x), self.k(x)
+            q = qk_norm_rope(q, _plain_weight(self.norm_q, q), freqs, h, _eps(self.norm_q, q), backend)
+            k = qk_norm_rope(k, _plain_weight(self.norm_k, k), freqs, h, _eps(self.norm_k, k), backend)
             v = self.v(x).view(b, n, h, d)
             return q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)
         # Same order and dtypes as the stock forward (norm + RoPE in fp32 via apply_rope).
@@ -138,8 +141,8 @@ class SaladSelfAttention(nn.Module):
         call = self.runtime.call_info(transformer_options)
         if call.dense:
             return self._stock_forward(x, freqs, transformer_options=transformer_options)
-        fused = call.fused and not torch.is_grad_enabled()  # the fused kernels have no backward
-        q, k, v = self.qkv(x, freqs, fused)
+        q, k, v = self.qkv(x, freqs, call.fused)
+        fused = call.fused and not torch.is_grad_enabled()  # salad::salad_attention has no backward
         cfg = self.runtime.config
         with self.runtime.timed():
             selection = self.runtime.selection(self.layer, q, k, call)
@@ -153,6 +156,16 @@ class SaladSelfAttention(nn.Module):
                 )
         self.runtime.record(self.layer, selection, gate)
         return self.o(out)
+
+
+def _autocast_input(x: torch.Tensor) -> torch.Tensor:
+    """x in the autocast dtype when autocast would cast it for every matmul: q, k, v (and
+    their LoRA) then share one cast instead of each making (and saving for backward) its own.
+    Same values: autocast rounds fp32 inputs to that dtype anyway."""
+    device = x.device.type
+    if x.dtype == torch.float32 and torch.is_autocast_enabled(device):
+        return x.to(torch.get_autocast_dtype(device))
+    return x
 
 
 def _eps(norm: nn.Module, x: torch.Tensor) -> float:

@@ -1,11 +1,37 @@
 """salad::qk_norm_rope: the torch reference mirrors ComfyUI's Wan q/k path bit for bit; the
-Triton kernel (CPU interpreter here, CUDA on the GPU box) matches the reference."""
+Triton kernel (CPU interpreter here, CUDA on the GPU box) matches the reference.
+
+Backward (training): the Triton kernel against autograd through an independent fp64 forward,
+with the error rule of test_kernels_triton.py: ||kernel - fp64|| <= 2 x ||torch autograd in the
+same precision - fp64|| + a tiny floor; outputs NaN-poisoned before each launch. Note: the
+Triton interpreter rounds fp32 -> bf16 by truncation (CUDA rounds to nearest), so CPU bf16
+errors are up to about twice the GPU's."""
+
+import importlib.util
+import os
 
 import pytest
 import torch
 
 from kernels.qk_norm_rope import qk_norm_rope
 from kernels.qk_norm_rope.naive import qk_norm_rope_torch
+
+HAS_TRITON = importlib.util.find_spec("triton") is not None
+# Tests that need the Triton kernels on CPU tensors (elsewhere backend "triton" falls to torch).
+triton_cpu = pytest.mark.skipif(
+    not (HAS_TRITON and os.environ.get("TRITON_INTERPRET") == "1"),
+    reason="CPU Triton tests need Triton with TRITON_INTERPRET=1",
+)
+FLOOR = 1e-6  # relative: fp32 kernels and fp32 torch both sit near 1e-7 from fp64
+
+
+@pytest.fixture(autouse=True)
+def _poison(monkeypatch):
+    """Every Triton launch (forward and backward) starts from NaN outputs."""
+    if HAS_TRITON:
+        from kernels.qk_norm_rope import triton as qk_triton
+
+        monkeypatch.setattr(qk_triton, "POISON_OUTPUTS", True)
 
 
 def rope_freqs(b, n, d, seed=0):
@@ -79,6 +105,113 @@ def test_cuda_bf16_wan_shape_matches_reference():
     f = rope_freqs(1, 4680, 128).cuda()
     got = qk_norm_rope(x, w, f, 12, backend="triton")
     assert rel(got, qk_norm_rope_torch(x, w, f, 12, 1e-6)) < 1e-2
+
+
+def reference_fp64(x, w, f, num_heads, eps=1e-6):
+    """Independent fp64 forward: RMSNorm over C, then each (even, odd) pair times its token's
+    2x2 matrix as a matmul."""
+    b, n, c = x.shape
+    x, w, f = x.double(), w.double(), f.double()
+    y = x * torch.rsqrt(x.square().mean(-1, keepdim=True) + eps) * w
+    pairs = y.view(b, n, num_heads, c // num_heads // 2, 2, 1)
+    return (f @ pairs).reshape(b, n, num_heads, c // num_heads)
+
+
+def reference_grads(x, w, f, num_heads, dy):
+    """(dx, dw) in fp64."""
+    x, w = (t.detach().double().requires_grad_(True) for t in (x, w))
+    return torch.autograd.grad(reference_fp64(x, w, f, num_heads), (x, w), dy.double())
+
+
+def op_grads(x, w, f, num_heads, dy, backend, weight_grad=False):
+    """(dx,) or (dx, dw) of salad::qk_norm_rope on ``backend``, x keeping its strides."""
+    x = x.detach().requires_grad_(True)
+    w = w.detach().requires_grad_(weight_grad)
+    out = qk_norm_rope(x, w, f, num_heads, backend=backend)
+    return torch.autograd.grad(out, (x, w) if weight_grad else (x,), dy)
+
+
+def backward_inputs(dtype, b=2, n=37, h=5, d=16, seed=11):
+    """Odd shapes: N = 37, C = 5 * 16 = 80 (40 pairs, masked to 64), freqs of batch 1 shared by
+    B = 2, x a slice of a wider projection (row stride != C), and dy a [B, H, N, D] gradient
+    seen as [B, N, H, D] (what attention's backward hands back)."""
+    g = torch.Generator().manual_seed(seed)
+    x = (torch.randn(b, n, h * d + 24, generator=g) * 3).to(dtype)[..., : h * d]
+    w = (1 + 0.1 * torch.randn(h * d, generator=g)).to(dtype)
+    dy = torch.randn(b, h, n, d, generator=g).to(dtype).transpose(1, 2)
+    return x, w, rope_freqs(1, n, d, seed + 1), dy
+
+
+@triton_cpu
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+def test_triton_backward_matches_fp64_reference(dtype):
+    x, w, f, dy = backward_inputs(dtype)
+    assert x.stride(1) != x.shape[-1] and dy.stride(2) != dy.shape[-1]
+    want_dx, _ = reference_grads(x, w, f, 5, dy)
+    (got,) = op_grads(x, w, f, 5, dy, "triton")
+    (torch_dx,) = op_grads(x, w, f, 5, dy, "torch")
+    assert got.shape == x.shape and got.dtype == dtype and torch.isfinite(got).all()
+    bound = 2 * rel(torch_dx, want_dx) + FLOOR
+    assert rel(got, want_dx) <= bound, (rel(got, want_dx), bound)
+
+
+@pytest.mark.parametrize("backend", ["torch", pytest.param("triton", marks=triton_cpu)])
+def test_weight_gradient_when_the_weight_requires_grad(backend):
+    x, w, f, dy = backward_inputs(torch.float32, seed=13)
+    want_dx, want_dw = reference_grads(x, w, f, 5, dy)
+    dx, dw = op_grads(x, w, f, 5, dy, backend, weight_grad=True)
+    assert dw.shape == w.shape and dw.dtype == w.dtype
+    assert rel(dx, want_dx) < 1e-5 and rel(dw, want_dw) < 1e-5, (rel(dx, want_dx), rel(dw, want_dw))
+
+
+def test_torch_backward_passes_gradcheck():
+    """fp64 end to end (fp64 freqs keep the rotation in fp64): x and weight gradients against
+    finite differences."""
+    x, w, f = inputs(b=2, n=5, h=2, d=8, dtype=torch.float64)
+    f = f.double()
+    torch.autograd.gradcheck(lambda x, w: qk_norm_rope(x, w, f, 2, backend="torch"),
+                             (x.requires_grad_(True), w.requires_grad_(True)))
+
+
+def test_freqs_that_require_grad_are_rejected():
+    x, w, f = inputs()
+    with pytest.raises(ValueError, match="Expected RoPE freqs that do not require grad"):
+        qk_norm_rope(x.requires_grad_(True), w, f.requires_grad_(True), 3, backend="torch")
+
+
+@pytest.mark.filterwarnings("ignore:Your compiler for AOTAutograd")  # the graph recorder's, harmless
+@pytest.mark.parametrize("backend", ["torch", pytest.param("triton", marks=triton_cpu)])
+def test_compiles_fullgraph_with_backward(backend):
+    """torch.compile traces forward and backward in one graph each (AOTAutograd needs the
+    fakes); the Triton backward stays one opaque custom op in the backward graph."""
+    from torch._dynamo.testing import AotEagerAndRecordGraphs
+
+    x, w, f, dy = backward_inputs(torch.float32, b=1, n=9, seed=17)
+    recorder = AotEagerAndRecordGraphs()
+    fn = torch.compile(lambda x: qk_norm_rope(x, w, f, 5, backend=backend), fullgraph=True, backend=recorder)
+    try:
+        xc = x.detach().requires_grad_(True)
+        (dx,) = torch.autograd.grad(fn(xc), xc, dy)
+    finally:
+        torch._dynamo.reset()
+    assert torch.equal(dx, op_grads(x, w, f, 5, dy, backend)[0])
+    targets = {str(node.target) for node in recorder.bw_graphs[0].graph.nodes}
+    assert ("salad.qk_norm_rope_backward.default" in targets) == (backend == "triton"), targets
+
+
+@pytest.mark.gpu
+def test_cuda_backward_wan_shape_matches_fp64_reference():
+    """1.3B's q/k shape in bf16: Triton dx within 2x of torch autograd's error in bf16."""
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(1, 4680, 1536, generator=g).cuda().bfloat16()
+    w = (1 + 0.1 * torch.randn(1536, generator=g)).cuda().bfloat16()
+    dy = torch.randn(1, 12, 4680, 128, generator=g).cuda().bfloat16().transpose(1, 2)
+    f = rope_freqs(1, 4680, 128).cuda()
+    want_dx, _ = reference_grads(x, w, f, 12, dy)
+    (got,) = op_grads(x, w, f, 12, dy, "triton")
+    (torch_dx,) = op_grads(x, w, f, 12, dy, "torch")
+    assert torch.isfinite(got).all()
+    assert rel(got, want_dx) <= 2 * rel(torch_dx, want_dx) + FLOOR, (rel(got, want_dx), rel(torch_dx, want_dx))
 
 
 @pytest.mark.parametrize("live", [True, False])

@@ -1,12 +1,14 @@
 """SALAD attention in plain torch (paper Alg. 1) against independent, explicit references."""
 
 import math
+import os
 
 import pytest
 import torch
 
 import kernels
 from kernels.block_sparse_attn.naive import block_sparse_attention_naive
+from kernels.qk_norm_rope import qk_norm_rope
 from salad_core.attention import SaladBranch, merge_heads, salad_attention
 from salad_core.gate import scalar_gate
 
@@ -176,3 +178,91 @@ def test_dropped_branch_equals_zero_lambda():
     zero_lambda, _ = salad_attention(q, k, v, x, sel, make_branch(32), linear_scale=0.0, backend="torch")
     assert gate is None
     torch.testing.assert_close(dropped, zero_lambda)
+
+
+def rel_err(a, b):
+    a, b = a.detach().float(), b.detach().float()
+    return float((a - b).norm() / b.norm())
+
+
+def train_attention(load_wan, tiny_wan_path, backend, sparsity=0.5):
+    """Layer 0 of a SaladTrainModel (LoRA rank 4 on q/k/v/o, norms frozen) on the tiny Wan,
+    with non-trivial LoRA and norm weights, plus x [1, 192, 256] and its RoPE freqs."""
+    from salad_core import SaladConfig
+    from salad_core.train import SaladTrainModel
+
+    dm = load_wan(tiny_wan_path).model.diffusion_model
+    model = SaladTrainModel(dm, SaladConfig(block_size=16, sparsity=sparsity, backend=backend), lora_rank=4)
+    attn = model.attn[0]
+    g = torch.Generator().manual_seed(3)
+    with torch.no_grad():
+        for name in ("q", "k", "v"):
+            getattr(attn, name).lora_B.copy_(torch.randn(256, 4, generator=g) * 0.05)
+        for norm in (attn.norm_q, attn.norm_k):
+            norm.weight.mul_(1 + 0.1 * torch.randn(256, generator=g))
+    x = torch.randn(1, 192, 256, generator=g)
+    freqs = dm.rope_encode(3, 16, 16, device=x.device, dtype=x.dtype)
+    return model, attn, x, freqs
+
+
+@pytest.mark.skipif(os.environ.get("TRITON_INTERPRET") != "1", reason="needs TRITON_INTERPRET=1 (fused path on CPU)")
+def test_fused_qk_path_under_grad_matches_stock_path(tiny_wan_path, load_wan, monkeypatch):
+    """Training (grad on) takes the fused salad::qk_norm_rope: same q/k/v as the stock ops and
+    the same gradients for x and the LoRA weights; a whole module call with call.fused too
+    (the fused attention op stays grad-free)."""
+    import salad_core.attention as attention
+    from salad_core.runtime import CALL_KEY, CallInfo
+
+    model, attn, x, freqs = train_attention(load_wan, tiny_wan_path, "triton", sparsity=0.0)  # dense: no top-k ties
+    assert model.runtime.fused_kernels(x.device)
+    calls = []
+    monkeypatch.setattr(attention, "qk_norm_rope", lambda *a: calls.append(a[-1]) or qk_norm_rope(*a))
+    lora = [p for name in ("q", "k", "v") for p in (getattr(attn, name).lora_A, getattr(attn, name).lora_B)]
+    g = torch.Generator().manual_seed(4)
+    grad_qkv = [torch.randn(1, 2, 192, 128, generator=g) for _ in range(3)]
+    grad_out = torch.randn(1, 192, 256, generator=g)
+    results = {}
+    for fused in (True, False):
+        xg = x.clone().requires_grad_(True)
+        qkv = attn.qkv(xg, freqs, fused)
+        grads = torch.autograd.grad(qkv, [xg, *lora], grad_qkv)
+        xg = x.clone().requires_grad_(True)
+        out = attn(xg, freqs, transformer_options={CALL_KEY: CallInfo(grid=(3, 8, 8), fused=fused)})
+        module_grads = torch.autograd.grad(out, [xg, *lora], grad_out)
+        results[fused] = (qkv, grads, out, module_grads)
+    assert calls == ["triton"] * 4  # q and k, in qkv() and in the module call; none unfused
+    (qkv, grads, out, module_grads), (qkv_ref, grads_ref, out_ref, module_grads_ref) = results[True], results[False]
+    for got, want in zip((*qkv, *grads, out, *module_grads), (*qkv_ref, *grads_ref, out_ref, *module_grads_ref)):
+        assert got.dtype == want.dtype and rel_err(got, want) < 1e-5, rel_err(got, want)
+
+
+@pytest.mark.filterwarnings("ignore:Mismatch dtype between input and weight")  # the stock norm's: fp32 weight
+def test_qkv_casts_x_once_under_autocast(tiny_wan_path, load_wan):
+    """Under autocast, q/k/v (and their LoRA) share one cast of the fp32 block input; the values
+    are exactly those of the stock ops casting x each. The x gradient is bf16-close, not equal:
+    the shared cast's gradient sums the six matmul gradients in bf16 (before: in fp32)."""
+    _, attn, x, freqs = train_attention(load_wan, tiny_wan_path, "torch")
+    seen = []
+    hooks = [getattr(attn, name).register_forward_pre_hook(lambda m, args: seen.append(args[0])) for name in "qkv"]
+    b, n, h, d = 1, 192, 2, 128
+    g = torch.Generator().manual_seed(5)
+    grad_qkv = [torch.randn(b, h, n, d, generator=g).bfloat16() for _ in range(3)]
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        # The block input is not a leaf in training (autocast would cache a leaf's cast).
+        leaf = x.clone().requires_grad_(True)
+        qkv = attn.qkv(leaf * 1, freqs, fused=False)
+        (dx,) = torch.autograd.grad(qkv, leaf, grad_qkv)
+        for hook in hooks:
+            hook.remove()
+        leaf_ref = x.clone().requires_grad_(True)
+        xr = leaf_ref * 1
+        stock = (
+            attn._apply_rope(attn.norm_q(attn.q(xr)).view(b, n, h, d), freqs).transpose(1, 2),
+            attn._apply_rope(attn.norm_k(attn.k(xr)).view(b, n, h, d), freqs).transpose(1, 2),
+            attn.v(xr).view(b, n, h, d).transpose(1, 2),
+        )
+        (dx_ref,) = torch.autograd.grad(stock, leaf_ref, grad_qkv)
+    assert len(seen) == 3 and all(t is seen[0] for t in seen) and seen[0].dtype == torch.bfloat16
+    for got, want in zip(qkv, stock):
+        assert got.dtype == want.dtype and torch.equal(got, want)
+    assert dx.dtype == torch.float32 and rel_err(dx, dx_ref) < 1e-2, rel_err(dx, dx_ref)
