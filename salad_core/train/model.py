@@ -156,7 +156,10 @@ class SaladTrainModel(nn.Module):
         xc = xc.to(dtype)
         t = (sigma * self.multiplier).float()
         grid = tuple(-(-s // p) for s, p in zip(xc.shape[2:], self.dm.patch_size))
-        options = {CALL_KEY: CallInfo(grid=grid, step=None, dense=dense)}
+        # fused: the one-pass q/k norm + RoPE (differentiable), and the fused attention op
+        # where no gradient is needed (teacher / evaluation passes)
+        fused = self.runtime.fused_kernels(xc.device)
+        options = {CALL_KEY: CallInfo(grid=grid, step=None, dense=dense, fused=fused)}
         kwargs = {} if clip_fea is None else {"clip_fea": clip_fea.to(dtype)}
         out = self.dm(xc, t, context.to(dtype), transformer_options=options, **kwargs)
         return out.float()
