@@ -187,20 +187,15 @@ def _flex_train():
     return torch.compile(flex_attention, dynamic=False)
 
 
-def flex_backward_options(block_size: int) -> dict:
-    """FlexAttention backward tiles that divide SALAD's block size. torch 2.11's defaults
-    (128-wide) fail to lower on 64-token blocks ("Q and KV block size must be divisible by
-    BLOCK_M and BLOCK_N", H100), which sent every flex backward to the slow torch path."""
-    small, wide = min(32, block_size), min(64, block_size)
-    return {"BLOCK_M1": small, "BLOCK_N1": wide, "BLOCK_M2": wide, "BLOCK_N2": small}
-
-
 def flex_sparse_attention(q, k, v, selection, scale):
-    """Differentiable FlexAttention on the selection's block mask (working order in and out)."""
+    """Differentiable FlexAttention on the selection's block mask (working order in and out).
+    On torch 2.11 / H100 its backward does not lower at 64-token blocks, with Flex's default
+    tiles ("Q and KV block size must be divisible by BLOCK_M and BLOCK_N") or with 64/32-wide
+    tiles given as kernel_options ("NoValidChoicesError"); _bsa_input_grads then warns once and
+    takes the torch path (bench/results/attention-bwd-h100.md)."""
     from .block_sparse_attn.flex import block_mask_from_selection
 
-    return _flex_train()(q, k, v, block_mask=block_mask_from_selection(selection), scale=scale,
-                         kernel_options=flex_backward_options(selection.block_size))
+    return _flex_train()(q, k, v, block_mask=block_mask_from_selection(selection), scale=scale)
 
 
 def _flex_grads(qd, kd, vd, selection, scale, grad_out):

@@ -132,8 +132,8 @@ def _bsa_fwd_kernel(
         k = tl.load(k_base + rows_n[None, :] * skn + offs_d[:, None], mask=n_ok[None, :], other=0.0)
         if DOT_F32:
             k = k.to(tl.float32)
-        # Masked columns as an additive -inf bias: one FMA per score instead of mul + select.
-        qk = tl.dot(q, k) * qk_scale + tl.where(n_ok, 0.0, float("-inf"))[None, :]
+        qk = tl.dot(q, k)
+        qk = tl.where(n_ok[None, :], qk * qk_scale, float("-inf"))
         m_new = tl.maximum(m_i, tl.max(qk, 1))
         p = tl.math.exp2(qk - m_new[:, None])
         alpha = tl.math.exp2(m_i - m_new)

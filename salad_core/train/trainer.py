@@ -163,7 +163,17 @@ class Trainer:
             batch = collate([self.dataset[i] for i in ids])
             shape = batch["latent"].shape[1:] if batch["latent"] is not None else self.latent_shape()
             noise, sigma = noise_batch(shape, positions, c.seed, self.shift)
-            yield {k: (v.to(self.device) if v is not None else None) for k, v in batch.items()}, noise.to(self.device), sigma.to(self.device)
+            yield {k: self._to_device(v) for k, v in batch.items()}, self._to_device(noise), self._to_device(sigma)
+
+    def _to_device(self, t: torch.Tensor | None) -> torch.Tensor | None:
+        """Host tensor to the training device without waiting for the GPU: a copy from pageable
+        memory blocks until the queued kernels finish, so the next micro-batch's Python set-up
+        could not overlap them. Pinned + non_blocking lets it run ahead."""
+        if t is None:
+            return None
+        if self.device.type == "cuda":
+            return t.pin_memory().to(self.device, non_blocking=True)
+        return t.to(self.device)
 
     # -- one step -------------------------------------------------------------------------------
     def backward_step(self, step: int) -> float:
@@ -173,7 +183,7 @@ class Trainer:
         loss_fn = LOSSES[c.objective]
         per_rank = c.global_batch // self.world
         n_micro = per_rank // c.micro_batch
-        total = 0.0
+        total = torch.zeros((), device=self.device)  # summed on the device: no sync per micro-batch
         for m, (batch, noise, sigma) in enumerate(self.micro_batches(step)):
             sync = m == n_micro - 1 or self.world == 1 or c.fsdp
             ctx = self.student.no_sync() if not sync and hasattr(self.student, "no_sync") else _null()
@@ -181,8 +191,8 @@ class Trainer:
                 with self._autocast():
                     loss = loss_fn(self.student, self.teacher, batch["latent"], batch["context"], noise, sigma)
                 (loss / n_micro).backward()
-            total += float(loss.detach()) / n_micro
-        return total
+            total += loss.detach().float() / n_micro
+        return float(total)
 
     def lr_at(self, step: int) -> float:
         w = self.cfg.warmup_steps
