@@ -19,14 +19,15 @@
   the flex path (SALAD never differentiates through it). Unused output gradients are not
   materialised (``ctx.set_materialize_grads(False)``): a loss on ``out`` alone reaches the
   backward with grad_lse None, so no [B, H, N] fp32 zeros are allocated and read.
-- ``salad::linear_attention``: analytic gradients, no forward recompute (formulas in
-  linear_attn/triton_bwd.py). SALAD_BACKWARD_BACKEND again, read when the forward runs:
+- ``salad::linear_attention``: analytic gradients that recompute only the state S, z (one pass
+  over k and v), not the output (formulas in linear_attn/triton_bwd.py). SALAD_BACKWARD_BACKEND again, read when the forward runs:
   "triton" (kernels that keep q, k, v in their 16-bit dtype and multiply on tensor cores; wrapped
   as the custom op ``salad::linear_attention_backward``) or "torch" (the fp32 formulas of
   ``linear_attention_backward_torch``). "auto" and "flex" (there is no flex version) take triton
   on CUDA when Triton is installed and its kernels take the inputs, else torch; fp32 inputs
-  always take torch (cuBLAS multiplies them exactly). An explicit "triton" that cannot run raises
-  ValueError when the forward runs.
+  always take torch (cuBLAS multiplies them exactly), as do q, k, v of mixed dtypes. An explicit
+  "triton" that cannot run raises ValueError when the forward runs. The triton path sums dS and
+  dz over row ranges with fp32 atomics, so its gradients are not bit-for-bit reproducible.
 - ``salad::select_topk_blocks``: integer indices, no gradient.
 The forward stays on the fast (Triton) path. Kept between forward and backward: q, k, v and the
 selection, plus ``out`` and ``lse`` for the triton backward.
@@ -219,17 +220,20 @@ def _flex_failed(exc: Exception) -> None:
 
 
 # -- linear attention ---------------------------------------------------------------------------
-def linear_backward_backend(device: torch.device, dtype: torch.dtype, head_dim: int, value_dim: int) -> str:
+def linear_backward_backend(device: torch.device, dtypes: tuple[torch.dtype, ...], head_dim: int,
+                            value_dim: int) -> str:
     """The salad::linear_attention backward ("triton" or "torch") that SALAD_BACKWARD_BACKEND
-    selects for inputs on ``device`` with q's dtype and the q/k and v head dims."""
+    selects for inputs on ``device`` with q's, k's and v's dtypes and the q/k and v head dims."""
     choice = backward_backend(device)  # checks the variable, and an explicit choice's device
     if choice == "flex":  # no FlexAttention version of this backward
         choice = "triton" if triton_available() else "torch"
-    if choice == "torch" or dtype == torch.float32:
+    if choice == "torch" or dtypes[0] == torch.float32:
         return "torch"
     from .linear_attn.triton_bwd import ADVICE, unsupported_reason
 
-    problem = unsupported_reason(dtype, head_dim, value_dim)
+    problem = unsupported_reason(dtypes[0], head_dim, value_dim)
+    if problem is None and len(set(dtypes)) != 1:  # the kernels multiply q, k, v in one dtype
+        problem = f"Expected q, k and v in one dtype, got {[str(t).removeprefix('torch.') for t in dtypes]}"
     if problem is None:
         return "triton"
     if os.environ.get(BACKWARD_ENV) == "triton":
@@ -239,7 +243,7 @@ def linear_backward_backend(device: torch.device, dtype: torch.dtype, head_dim: 
 
 def _lin_setup(ctx, inputs, output):
     q, k, v, eps, backend = inputs
-    ctx.backward_backend = linear_backward_backend(q.device, q.dtype, q.shape[-1], v.shape[-1])
+    ctx.backward_backend = linear_backward_backend(q.device, (q.dtype, k.dtype, v.dtype), q.shape[-1], v.shape[-1])
     ctx.save_for_backward(q, k, v)
     ctx.eps = eps
 

@@ -143,6 +143,7 @@ TRITON_BWD_UNSUPPORTED = [  # (what changes, what the error names)
     (dict(head_dim=96), "96"),
     (dict(value_dim=80), "80"),
     (dict(block_size=8), "8"),
+    (dict(dtype=torch.float32, head_dim=256, value_dim=256), "256"),  # fp32 tiles exceed sm_90 smem
 ]
 
 

@@ -150,7 +150,11 @@ def test_backward_does_not_recompute_forward(monkeypatch, env):
 
 @pytest.mark.skipif(not HAS_TRITON, reason="the auto choice assumes Triton is installed")
 def test_linear_backward_backend_choice(monkeypatch):
-    from kernels.autograd import BACKWARD_ENV, linear_backward_backend
+    from kernels.autograd import BACKWARD_ENV
+    from kernels.autograd import linear_backward_backend as choose
+
+    def linear_backward_backend(device, dtype, head_dim, value_dim, v_dtype=None):
+        return choose(device, (dtype, dtype, v_dtype or dtype), head_dim, value_dim)
 
     cpu, cuda = torch.device("cpu"), torch.device("cuda")
     bf16 = dict(dtype=torch.bfloat16, head_dim=128, value_dim=128)
@@ -158,7 +162,8 @@ def test_linear_backward_backend_choice(monkeypatch):
     assert linear_backward_backend(cuda, **bf16) == "triton"
     assert linear_backward_backend(cuda, **{**bf16, "dtype": torch.float16, "value_dim": 16}) == "triton"
     assert linear_backward_backend(cpu, **bf16) == "torch"
-    for other in (dict(dtype=torch.float32), dict(dtype=torch.float64), dict(head_dim=96), dict(value_dim=256)):
+    for other in (dict(dtype=torch.float32), dict(dtype=torch.float64), dict(head_dim=96), dict(value_dim=256),
+                  dict(v_dtype=torch.float32)):  # mixed dtypes: the kernels multiply in one
         assert linear_backward_backend(cuda, **{**bf16, **other}) == "torch", other
     monkeypatch.setenv(BACKWARD_ENV, "torch")
     assert linear_backward_backend(cuda, **bf16) == "torch"
@@ -169,6 +174,8 @@ def test_linear_backward_backend_choice(monkeypatch):
     advice = r"\. Try SALAD_BACKWARD_BACKEND=torch\.$"
     with pytest.raises(ValueError, match=r"^Expected head dims .*got 96 \(q, k\).*" + advice):
         linear_backward_backend(cuda, **{**bf16, "head_dim": 96})
+    with pytest.raises(ValueError, match=r"^Expected q, k and v in one dtype, got .*float32.*" + advice):
+        linear_backward_backend(cuda, **bf16, v_dtype=torch.float32)
     monkeypatch.delenv("TRITON_INTERPRET", raising=False)
     with pytest.raises(ValueError, match="TRITON_INTERPRET"):
         linear_backward_backend(cpu, **bf16)

@@ -67,6 +67,10 @@ def unsupported_reason(dtype: torch.dtype, head_dim: int, value_dim: int, block_
                 f"got {head_dim} (q, k) and {value_dim} (v)")
     if block_size not in BLOCK_SIZES:
         return f"Expected block_size in {BLOCK_SIZES} for the Triton backward, got {block_size}"
+    if dtype == torch.float32 and max(head_dim, value_dim) > 128:
+        # fp32 tiles at 256 need ~279 KB of shared memory per program (sm_90 has 227 KB)
+        return (f"Expected head dims <= 128 for the Triton backward in float32, "
+                f"got {head_dim} (q, k) and {value_dim} (v)")
     return None
 
 

@@ -36,11 +36,11 @@ from .triton import STATE_ROWS_PER_PROGRAM, linear_state_triton
 # dS^T accumulator of D = 128 already takes 64 registers a thread at 8 warps.
 HEAD_DIMS = (16, 32, 64, 128)
 DTYPES = (torch.float16, torch.bfloat16)
-# Launch settings, not swept (the GPU tests pass on an H100 and the training step uses them,
-# bench/results/train-NOTES.md; bench/attention.py's linear_bwd case has not run yet): the sm_90 code for D = Dv = 128 then keeps its
-# registers (ptxas: dq 240 a thread, no spills; dk/dv 255, 56 bytes spilled), pipelines the tile
-# loads and uses wgmma for the products with 128 rows. 64-row dq tiles spilled 280 bytes; 32-row
-# dk/dv tiles fell back to mma.sync. bench/attention.py times linear_bwd.
+# Launch settings, not swept: the GPU tests pass on an H100 and the training step uses them
+# (bench/results/train-NOTES.md); bench/attention.py's linear_bwd case times them but has not run
+# yet. The sm_90 code for D = Dv = 128 keeps its registers (ptxas: dq 240 a thread, no spills;
+# dk/dv 255, 56 bytes spilled), pipelines the tile loads and uses wgmma for the products with 128
+# rows. 64-row dq tiles spilled 280 bytes; 32-row dk/dv tiles fell back to mma.sync.
 DQ_LAUNCH = dict(BN=32, num_stages=2)
 DKDV_LAUNCH = dict(BN=64, num_warps=4, num_stages=2)
 # This backward is chosen by SALAD_BACKWARD_BACKEND (kernels/autograd.py), so errors point there.

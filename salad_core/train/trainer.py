@@ -105,6 +105,7 @@ class Trainer:
             raise ValueError(f"Expected objective in {tuple(LOSSES)}, got {cfg.objective!r}. Try 'flow' or 'distill'.")
         self.out = Path(cfg.out)
         self.progress = progress
+        self._pin_ok = True  # pinned host copies of the inputs (see _to_device)
         torch.manual_seed(cfg.seed)  # LoRA A init: identical on every rank
         if model is None:
             dtype = cfg.model_dtype
@@ -171,8 +172,13 @@ class Trainer:
         could not overlap them. Pinned + non_blocking lets it run ahead."""
         if t is None:
             return None
-        if self.device.type == "cuda":
-            return t.pin_memory().to(self.device, non_blocking=True)
+        if self.device.type == "cuda" and t.device.type == "cpu" and self._pin_ok:
+            try:
+                return t.pin_memory().to(self.device, non_blocking=True)
+            except RuntimeError as exc:  # e.g. page-locked memory exhausted: slower, still right
+                self._pin_ok = False
+                log.warning("SALAD train: pinned host memory unavailable (%s); copying inputs unpinned "
+                            "(slower: each copy waits for the GPU).", exc)
         return t.to(self.device)
 
     # -- one step -------------------------------------------------------------------------------
