@@ -20,10 +20,10 @@
   materialised (``ctx.set_materialize_grads(False)``): a loss on ``out`` alone reaches the
   backward with grad_lse None, so no [B, H, N] fp32 zeros are allocated and read.
 - ``salad::linear_attention``: analytic gradients that recompute only the state S, z (one pass
-  over k and v), not the output (formulas in linear_attn/triton_bwd.py). SALAD_BACKWARD_BACKEND again, read when the forward runs:
-  "triton" (kernels that keep q, k, v in their 16-bit dtype and multiply on tensor cores; wrapped
-  as the custom op ``salad::linear_attention_backward``) or "torch" (the fp32 formulas of
-  ``linear_attention_backward_torch``). "auto" and "flex" (there is no flex version) take triton
+  over k and v), not the output (formulas in linear_attn/triton_bwd.py). SALAD_BACKWARD_BACKEND
+  again, read when the forward runs: "triton" (kernels that keep q, k, v in their 16-bit dtype
+  and multiply on tensor cores; wrapped as the custom op ``salad::linear_attention_backward``)
+  or "torch" (the fp32 formulas of ``linear_attention_backward_torch``). "auto" and "flex" (there is no flex version) take triton
   on CUDA when Triton is installed and its kernels take the inputs, else torch; fp32 inputs
   always take torch (cuBLAS multiplies them exactly), as do q, k, v of mixed dtypes. An explicit
   "triton" that cannot run raises ValueError when the forward runs. The triton path sums dS and
@@ -243,7 +243,8 @@ def linear_backward_backend(device: torch.device, dtypes: tuple[torch.dtype, ...
 
 def _lin_setup(ctx, inputs, output):
     q, k, v, eps, backend = inputs
-    ctx.backward_backend = linear_backward_backend(q.device, (q.dtype, k.dtype, v.dtype), q.shape[-1], v.shape[-1])
+    ctx.backward_backend = linear_backward_backend(q.device, (q.dtype, k.dtype, v.dtype),
+                                                   q.shape[-1], v.shape[-1])
     ctx.save_for_backward(q, k, v)
     ctx.eps = eps
 

@@ -14,6 +14,8 @@ import torch
 import triton
 import triton.language as tl
 
+from ..layout import rowmajor
+
 # Tests set this: outputs start as NaN so an element the kernel does not write can't pass.
 POISON_OUTPUTS = False
 
@@ -106,8 +108,7 @@ def _launch_settings(c: int) -> dict:
 def qk_norm_rope_triton(x: torch.Tensor, weight: torch.Tensor, freqs: torch.Tensor, num_heads: int, eps: float) -> torch.Tensor:
     b, n, c = x.shape
     d = c // num_heads
-    if x.stride(-1) != 1:
-        x = x.contiguous()
+    x = rowmajor(x)
     f = _rowmajor_freqs(freqs, n, d)
     w = weight.to(device=x.device).contiguous()
     out = torch.empty(b, n, num_heads, d, device=x.device, dtype=x.dtype)
@@ -130,10 +131,7 @@ def qk_norm_rope_backward_triton(
     gradient ``grad`` [B, N, H, D] (any strides)."""
     b, n, c = x.shape
     d = c // num_heads
-    if x.stride(-1) != 1:
-        x = x.contiguous()
-    if grad.stride(-1) != 1:
-        grad = grad.contiguous()
+    x, grad = rowmajor(x), rowmajor(grad)
     f = _rowmajor_freqs(freqs, n, d)
     w = weight.to(device=x.device).contiguous()
     dx = torch.empty(b, n, c, device=x.device, dtype=x.dtype)
