@@ -4,9 +4,7 @@
 # Usage: MODELS="1.3b" STEPS=10 bash bench/e2e_gpu.sh [extra e2e.py args]
 set -o pipefail
 OUT="${OUT:-bench/results}"
-export PYTHONUNBUFFERED=1 COMFYUI_PATH="$PWD/.comfy-carry/ComfyUI"
-PY="${PY:-python3}"
-$PY -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl && export PYTHONPATH=/tmp/site
+source bench/gpu_env.sh
 nvidia-smi --query-gpu=name,driver_version,clocks.sm,clocks.max.sm,temperature.gpu,memory.used --format=csv | tee "$OUT/e2e-gpu.txt"
 timeout "${TEST_TIMEOUT:-90}" $PY -m pytest tests/test_qk_norm_rope.py -q -m gpu -p no:cacheprovider -rs 2>&1 | tee -a "$OUT/e2e-gpu.txt" | tail -5
 for m in ${MODELS:-1.3b}; do

@@ -9,11 +9,7 @@
 set -o pipefail
 OUT="${OUT:-bench/results}"
 RUN="${RUN:-/tmp/fidelity-run}"
-export PYTHONUNBUFFERED=1 COMFYUI_PATH="${COMFYUI_PATH:-$PWD/.comfy-carry/ComfyUI}"
-PY="${PY:-python3}"
-if ls .whl/*.whl >/dev/null 2>&1; then
-  $PY -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl && export PYTHONPATH=/tmp/site
-fi
+source bench/gpu_env.sh
 [ -f fidelity-carry/toy-state.json ] && $PY -m bench.fidelity import-carry --src fidelity-carry --run "$RUN"
 R=(--run "$RUN" --results "$OUT")
 case "${PHASE:-all}" in

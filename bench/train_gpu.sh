@@ -11,13 +11,8 @@ set -o pipefail
 OUT="${OUT:-bench/results}"
 mkdir -p "$OUT"
 TAG="${TAG:-h100-tritonbwd}"
-export PYTHONUNBUFFERED=1 COMFYUI_PATH="${COMFYUI_PATH:-$PWD/.comfy-carry/ComfyUI}"
+source bench/gpu_env.sh
 export PYTORCH_CUDA_ALLOC_CONF="${PYTORCH_CUDA_ALLOC_CONF:-expandable_segments:True}"
-PY="${PY:-python3}"
-if ls .whl/*.whl >/dev/null 2>&1; then
-  $PY -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl \
-    && export PYTHONPATH=/tmp/site${PYTHONPATH:+:$PYTHONPATH}
-fi
 NGPU=$(nvidia-smi -L 2>/dev/null | grep -c '^GPU')
 nvidia-smi --query-gpu=name,driver_version,clocks.sm,clocks.max.sm,temperature.gpu --format=csv
 

@@ -18,14 +18,9 @@ MODEL="${MODEL:-1.3b}"
 FRAMES="${FRAMES:-77}"
 # NVLink multicast stays off (KINDS.md: it can take the host's shared GPUs out of service).
 export NCCL_NVLS_ENABLE=0 TORCH_SYMM_MEM_DISABLE_MULTICAST=1 NVSHMEM_DISABLE_NVLS=1
-export PYTHONUNBUFFERED=1 OMP_NUM_THREADS="${OMP_NUM_THREADS:-4}" NCCL_DEBUG="${NCCL_DEBUG:-WARN}"
-export COMFYUI_PATH="${COMFYUI_PATH:-$PWD/.comfy-carry/ComfyUI}"
+export OMP_NUM_THREADS="${OMP_NUM_THREADS:-4}" NCCL_DEBUG="${NCCL_DEBUG:-WARN}"
+source bench/gpu_env.sh
 export PYTORCH_CUDA_ALLOC_CONF="${PYTORCH_CUDA_ALLOC_CONF:-expandable_segments:True}"
-PY="${PY:-python3}"
-if ls .whl/*.whl >/dev/null 2>&1; then
-  $PY -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl \
-    && export PYTHONPATH=/tmp/site${PYTHONPATH:+:$PYTHONPATH}
-fi
 NGPU=$(nvidia-smi -L 2>/dev/null | grep -c '^GPU')
 LOG="$OUT/train-scale-gpu.txt"
 {
