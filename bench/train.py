@@ -270,15 +270,21 @@ def profile_salad(frames, rank, path, backward):
     print(text, flush=True)
 
 
-def write_md(records, path, dev):
-    lines = [f"# Training benchmark ({dev})", "",
-             "Random Wan2.1-1.3B-shaped weights; bf16 autocast; per-block checkpointing; one sample per step.",
-             "`recipe_gpu_h` = s/sample x 1600 x 8 / 3600 (paper Table 6 recipe on one GPU).", "",
-             "| case | shape | metric | value | vs baseline |", "|---|---|---|---|---|"]
+def metric_table(records) -> list[str]:
+    """The records as markdown rows (case, shape, metric, value, speed-up vs baseline); also
+    used by bench/train_scale.py."""
+    lines = ["| case | shape | metric | value | vs baseline |", "|---|---|---|---|---|"]
     for r in records:
         sp = f"{r['speedup']:.2f}x {r['baseline_case']}" if r.get("speedup") else ""
         lines.append(f"| {r['case']} | {r['shape']} | {r['metric']} | {r['value']:.4g} | {sp} |")
-    path.write_text("\n".join(lines) + "\n")
+    return lines
+
+
+def write_md(records, path, dev):
+    lines = [f"# Training benchmark ({dev})", "",
+             "Random Wan2.1-1.3B-shaped weights; bf16 autocast; per-block checkpointing; one sample per step.",
+             "`recipe_gpu_h` = s/sample x 1600 x 8 / 3600 (paper Table 6 recipe on one GPU).", ""]
+    path.write_text("\n".join(lines + metric_table(records)) + "\n")
 
 
 if __name__ == "__main__":

@@ -189,12 +189,10 @@ def write_md(records, path: Path, device: str) -> None:
              "`fsdpN` = FSDP2. `peak_gib` = max over ranks of torch.cuda.max_memory_allocated. "
              f"`recipe_gpu_h` = s/step x {RECIPE_STEPS} x N / 3600; `recipe_wall_h` = s/step x {RECIPE_STEPS} / 3600 "
              f"(paper: {PAPER_GPU_H} GPU-h for Wan2.1-1.3B). `scaling_eff` = (baseline s/step / this s/step) / "
-             "(N / baseline N).", "",
-             "| case | shape | metric | value | vs baseline |", "|---|---|---|---|---|"]
-    for r in records:
-        sp = f"{r['speedup']:.2f}x {r['baseline_case']}" if r.get("speedup") else ""
-        lines.append(f"| {r['case']} | {r['shape']} | {r['metric']} | {r['value']:.4g} | {sp} |")
-    path.write_text("\n".join(lines) + "\n")
+             "(N / baseline N).", ""]
+    from bench.train import metric_table
+
+    path.write_text("\n".join(lines + metric_table(records)) + "\n")
 
 
 def main(argv=None) -> int:
