@@ -143,7 +143,7 @@ class SaladTrain(io.ComfyNode):
         return io.NodeOutput(weights, summary, ui=ui.PreviewText(summary))
 
 
-def _uninference(module, originals: list) -> list:
+def _uninference(module, originals: list) -> None:
     """Swap every inference-mode parameter/buffer for a normal copy. Appends to ``originals``
     as it goes (so a failure part-way still restores what it swapped) every tensor to put
     back, with its requires_grad flag (SaladTrainModel freezes the whole model)."""
@@ -156,7 +156,6 @@ def _uninference(module, originals: list) -> list:
                 if t.is_inference():
                     copy = t.clone()
                     store[name] = torch.nn.Parameter(copy, requires_grad=False) if store is m._parameters else copy
-    return originals
 
 
 def _restore_tensors(originals: list) -> None:
