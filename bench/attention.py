@@ -209,10 +209,11 @@ def run_shape(name, args, ctx):
                 def full(mode=mode, sel=sel, topk=topk):
                     s = kernels.select_topk_blocks(q, k, BLOCK, topk, backend="triton") if mode == "topk" else sel
                     gate = torch.sigmoid(F.linear(x, w_gate, b_gate).float()).mean(dim=(1, 2)) * lam_s  # [B]
-                    out, _, out_l = kernels.salad_attention(q, k, v, s, linear_scale=gate, backend="triton")
+                    out, _, out_l = kernels.salad_attention(
+                        q, k, v, s, linear_scale=gate, backend="triton", out_bias=gate[:, None] * b_proj.float()
+                    )  # gate * proj bias in the sparse kernel's epilogue
                     o = out.transpose(1, 2).reshape(b, n, c)  # free: out keeps Wan's layout
                     o_l = out_l.transpose(1, 2).reshape(b, n, c)
-                    o.add_(b_proj * gate.to(dtype).view(b, 1, 1))  # gate * proj bias
                     for i in range(b):
                         o[i].addmm_(o_l[i], w_proj.t())  # O_s + (gate * O_l) W_p^T, in place
                     return o

@@ -142,16 +142,17 @@ def _salad_attention_op(
     scale: float,
     eps: float,
     linear_scale: torch.Tensor | None,
+    out_bias: torch.Tensor | None,
     backend: str,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     selection = BlockSelection(kv_indices, kv_counts, block_size, q.shape[2], token_order)
     impl = implementation("salad_attention", backend, q.device)
-    out, lse, out_l = impl(q, k, v, selection, scale, eps, linear_scale)
+    out, lse, out_l = impl(q, k, v, selection, scale, eps, linear_scale, out_bias)
     return into_layout(out, q), lse.contiguous(), into_layout(out_l, q)
 
 
 @_salad_attention_op.register_fake
-def _(q, k, v, kv_indices, kv_counts, token_order, block_size, scale, eps, linear_scale, backend):
+def _(q, k, v, kv_indices, kv_counts, token_order, block_size, scale, eps, linear_scale, out_bias, backend):
     b, h, n, _ = q.shape
     return (
         out_like(q, v.shape[-1]),
@@ -169,14 +170,25 @@ def salad_attention(
     eps: float = DEFAULT_EPS,
     linear_scale: torch.Tensor | None = None,
     backend: str = "auto",
+    out_bias: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Both SALAD branches on the same q, k, v: (sparse out, sparse LSE, linear out).
 
     Equal to ``block_sparse_attention(...)`` and ``linear_attention(...) * linear_scale``; the
     Triton backend applies the linear state in the sparse kernel's epilogue, reading q once.
-    linear_scale: optional fp32 [B] (e.g. lambda * s_l * gate) folded into the linear output."""
+    linear_scale: optional fp32 [B] (e.g. lambda * s_l * gate) folded into the linear output.
+    out_bias: optional [B, H * Dv] added to the sparse output (head h takes columns
+    h * Dv ... (h + 1) * Dv), e.g. the gated Proj bias; the Triton kernel adds it in its epilogue."""
     scale = q.shape[-1] ** -0.5 if scale is None else float(scale)
+    b, h = q.shape[:2]
+    if out_bias is not None:
+        if out_bias.shape != (b, h * v.shape[-1]):
+            raise ValueError(
+                f"Expected out_bias of shape {(b, h * v.shape[-1])} ([B, H * Dv]), got "
+                f"{tuple(out_bias.shape)}. Try bias.expand(B, -1) for one bias shared by the batch."
+            )
+        out_bias = out_bias.to(torch.float32).contiguous()
     return _salad_attention_op(
         q, k, v, selection.kv_indices, selection.kv_counts, selection.token_order,
-        selection.block_size, scale, float(eps), linear_scale, backend,
+        selection.block_size, scale, float(eps), linear_scale, out_bias, backend,
     )

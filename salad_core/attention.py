@@ -198,19 +198,21 @@ def salad_attention_fused(
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
     """Same result as ``salad_attention`` with fewer passes (the GPU hot path): one
     ``salad::salad_attention`` kernel computes both branches and scales the linear one by
-    lambda * s_l * g in its epilogue; Proj then accumulates straight into the sparse output
-    (cuBLAS beta = 1), and its bias, scaled by the same coefficient, is one more add."""
+    lambda * s_l * g in its epilogue and adds Proj's bias, scaled by the same coefficient, to
+    the sparse output; Proj then accumulates straight into that output (cuBLAS beta = 1)."""
     if branch is None:
         sparse, _ = kernels.block_sparse_attention(q, k, v, selection, backend=backend)
         return merge_heads(sparse), None
     gate = branch.gate_value(x)
     coeff = linear_scale * gate * branch.scale.float()  # [B] fp32
-    sparse, _, linear = kernels.salad_attention(q, k, v, selection, eps=eps, linear_scale=coeff, backend=backend)
+    out_bias = None
+    if branch.proj.bias is not None:  # coeff * b_proj rides in the sparse kernel's epilogue
+        out_bias = coeff[:, None] * branch.proj.bias.to(device=q.device, dtype=torch.float32)
+    sparse, _, linear = kernels.salad_attention(
+        q, k, v, selection, eps=eps, linear_scale=coeff, backend=backend, out_bias=out_bias
+    )
     out, linear = merge_heads(sparse), merge_heads(linear)  # views: the kernel writes [B, N, H, D]
     w = _plain_weight(branch.proj, out)
     for i in range(out.shape[0]):
         out[i].addmm_(linear[i], w.t())
-    if branch.proj.bias is not None:
-        bias = branch.proj.bias.to(device=out.device, dtype=torch.float32)
-        out += (coeff[:, None] * bias).to(out.dtype)[:, None, :]
     return out, gate
