@@ -6,8 +6,9 @@
 Per shape, in one run: dense_cudnn; for mode in (topk, stswa) and sparsity in (90, 95):
 flex_<mode>_<s> (FlexAttention, same block mask, mask prebuilt), salad_sparse_<mode>_<s>
 (Triton sparse branch alone; topk includes no selection), salad_full_<mode>_<s> (selection for
-topk — stswa's is static and cached — + fused sparse/linear kernel + gate + proj, O written in
-place), salad_full_<mode>_<s>_unfused (separate sparse and linear ops), and
+topk — stswa's is static and cached — + gate + the salad::salad_attention op: sparse branch with
+the gated Proj bias in its epilogue, linear branch in row chunks projected into O in place),
+salad_full_<mode>_<s>_unfused (separate sparse, linear and Proj ops), and
 salad_sparse_stswa_<s>_permute (explicit permutation copies instead of the fused gather).
 Linear branch alone: linear_only (forward), linear_bwd (forward + the op's analytic backward) and
 linear_bwd_recompute (forward + the backward it replaced: autograd through the fp32 torch
@@ -202,21 +203,14 @@ def run_shape(name, args, ctx):
                 if mode == "stswa":
                     bsa_triton.ORDER_MODE = "permute"
                     record(ctx, f"salad_sparse_{tag}_permute", "ms", time_ms(sparse, reps), sparsity=round(meas, 2))
+                    record(ctx, f"salad_sparse_{tag}_permute", "extra_mem_x_q", peak_extra_bytes(sparse) / q_bytes)
                     bsa_triton.ORDER_MODE = "gather"
-                    record(ctx, f"salad_sparse_{tag}_gather", "ms", time_ms(sparse, reps), sparsity=round(meas, 2))
-                    bsa_triton.ORDER_MODE = "auto"
 
                 def full(mode=mode, sel=sel, topk=topk):
                     s = kernels.select_topk_blocks(q, k, BLOCK, topk, backend="triton") if mode == "topk" else sel
                     gate = torch.sigmoid(F.linear(x, w_gate, b_gate).float()).mean(dim=(1, 2)) * lam_s  # [B]
-                    out, _, out_l = kernels.salad_attention(
-                        q, k, v, s, linear_scale=gate, backend="triton", out_bias=gate[:, None] * b_proj.float()
-                    )  # gate * proj bias in the sparse kernel's epilogue
-                    o = out.transpose(1, 2).reshape(b, n, c)  # free: out keeps Wan's layout
-                    o_l = out_l.transpose(1, 2).reshape(b, n, c)
-                    for i in range(b):
-                        o[i].addmm_(o_l[i], w_proj.t())  # O_s + (gate * O_l) W_p^T, in place
-                    return o
+                    out = kernels.salad_attention(q, k, v, s, w_proj, b_proj, linear_scale=gate, backend="triton")
+                    return out.transpose(1, 2).reshape(b, n, c)  # free: out keeps Wan's layout
 
                 def full_unfused(mode=mode, sel=sel, topk=topk):
                     s = kernels.select_topk_blocks(q, k, BLOCK, topk, backend="triton") if mode == "topk" else sel
@@ -231,11 +225,6 @@ def run_shape(name, args, ctx):
                 record(ctx, f"salad_full_{tag}", "ms", full_ms, sparsity=round(meas, 2))
                 record(ctx, f"salad_full_{tag}", "extra_mem_x_q", peak_extra_bytes(full) / q_bytes)
                 record(ctx, f"salad_full_{tag}_unfused", "ms", time_ms(full_unfused, reps), sparsity=round(meas, 2))
-                bsa_triton.FUSE_LINEAR_EPILOGUE = True
-                try:
-                    record(ctx, f"salad_full_{tag}_epilogue", "ms", time_ms(full, reps), sparsity=round(meas, 2))
-                finally:
-                    bsa_triton.FUSE_LINEAR_EPILOGUE = False
                 if mode == "topk":
                     record(ctx, f"select_{tag}", "ms",
                            time_ms(lambda topk=topk: kernels.select_topk_blocks(q, k, BLOCK, topk, backend="triton"), reps))
@@ -255,7 +244,7 @@ def run_shape(name, args, ctx):
 
                 print(f"# FAILED {name} {tag}: {type(exc).__name__}: {exc}", flush=True)
                 traceback.print_exc()
-                bsa_triton.ORDER_MODE = "auto"
+                bsa_triton.ORDER_MODE = "gather"
     del q, k, v, x, qc, kc, vc
     torch.cuda.empty_cache()
 

@@ -139,26 +139,21 @@ def _salad_attention_op(
     kv_counts: torch.Tensor,
     token_order: torch.Tensor | None,
     block_size: int,
+    proj_weight: torch.Tensor,
+    proj_bias: torch.Tensor | None,
+    linear_scale: torch.Tensor | None,
     scale: float,
     eps: float,
-    linear_scale: torch.Tensor | None,
-    out_bias: torch.Tensor | None,
     backend: str,
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+) -> torch.Tensor:
     selection = BlockSelection(kv_indices, kv_counts, block_size, q.shape[2], token_order)
     impl = implementation("salad_attention", backend, q.device)
-    out, lse, out_l = impl(q, k, v, selection, scale, eps, linear_scale, out_bias)
-    return into_layout(out, q), lse.contiguous(), into_layout(out_l, q)
+    return into_layout(impl(q, k, v, selection, proj_weight, proj_bias, linear_scale, scale, eps), q)
 
 
 @_salad_attention_op.register_fake
-def _(q, k, v, kv_indices, kv_counts, token_order, block_size, scale, eps, linear_scale, out_bias, backend):
-    b, h, n, _ = q.shape
-    return (
-        out_like(q, v.shape[-1]),
-        q.new_empty((b, h, n), dtype=torch.float32),
-        out_like(q, v.shape[-1]),
-    )
+def _(q, k, v, kv_indices, kv_counts, token_order, block_size, proj_weight, proj_bias, linear_scale, scale, eps, backend):
+    return out_like(q, v.shape[-1])
 
 
 def salad_attention(
@@ -166,29 +161,37 @@ def salad_attention(
     k: torch.Tensor,
     v: torch.Tensor,
     selection: BlockSelection,
+    proj_weight: torch.Tensor,
+    proj_bias: torch.Tensor | None = None,
+    linear_scale: torch.Tensor | None = None,
     scale: float | None = None,
     eps: float = DEFAULT_EPS,
-    linear_scale: torch.Tensor | None = None,
     backend: str = "auto",
-    out_bias: torch.Tensor | None = None,
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Both SALAD branches on the same q, k, v: (sparse out, sparse LSE, linear out).
+) -> torch.Tensor:
+    """The SALAD attention output before the stock output projection (Alg. 1):
+    O_s + c * (O_l W_p^T + b_p), with O_s the block-sparse branch, O_l the linear branch and
+    c = ``linear_scale`` (fp32 [B], e.g. lambda * s_l * gate; None = 1), over head-merged rows.
 
-    Equal to ``block_sparse_attention(...)`` and ``linear_attention(...) * linear_scale``; the
-    Triton backend applies the linear state in the sparse kernel's epilogue, reading q once.
-    linear_scale: optional fp32 [B] (e.g. lambda * s_l * gate) folded into the linear output.
-    out_bias: optional [B, H * Dv] added to the sparse output (head h takes columns
-    h * Dv ... (h + 1) * Dv), e.g. the gated Proj bias; the Triton kernel adds it in its epilogue."""
-    scale = q.shape[-1] ** -0.5 if scale is None else float(scale)
+    proj_weight: [H * Dv, H * Dv] (Proj), proj_bias: optional [H * Dv]. Returns [B, H, N, Dv] in
+    q's layout, so for Wan's [B, N, H, D] views ``out.transpose(1, 2).reshape(B, N, C)`` is free.
+    Inference only (no backward). The Triton path keeps one full-size buffer (the output)."""
     b, h = q.shape[:2]
-    if out_bias is not None:
-        if out_bias.shape != (b, h * v.shape[-1]):
+    c = h * v.shape[-1]
+    if proj_weight.shape != (c, c) or (proj_bias is not None and proj_bias.shape != (c,)):
+        raise ValueError(
+            f"Expected Proj weight [{c}, {c}] and bias [{c}] (H * Dv = {c}), got "
+            f"{tuple(proj_weight.shape)} and {None if proj_bias is None else tuple(proj_bias.shape)}. "
+            "Try the SALAD weights made for this model (blocks.{i}.salad.proj.*)."
+        )
+    if linear_scale is not None:
+        if linear_scale.shape != (b,):
             raise ValueError(
-                f"Expected out_bias of shape {(b, h * v.shape[-1])} ([B, H * Dv]), got "
-                f"{tuple(out_bias.shape)}. Try bias.expand(B, -1) for one bias shared by the batch."
+                f"Expected linear_scale of shape ({b},) (one value per sample), got "
+                f"{tuple(linear_scale.shape)}. Try linear_scale.reshape({b})."
             )
-        out_bias = out_bias.to(torch.float32).contiguous()
+        linear_scale = linear_scale.to(torch.float32).contiguous()
+    scale = q.shape[-1] ** -0.5 if scale is None else float(scale)
     return _salad_attention_op(
         q, k, v, selection.kv_indices, selection.kv_counts, selection.token_order,
-        selection.block_size, scale, float(eps), linear_scale, out_bias, backend,
+        selection.block_size, proj_weight, proj_bias, linear_scale, scale, float(eps), backend,
     )

@@ -39,7 +39,7 @@ IMPLEMENTATIONS: dict[str, dict[str, str]] = {
         "triton": "linear_attn.triton:linear_attention_triton",
         "torch": "linear_attn.naive:linear_attention_torch",
     },
-    # Sparse + linear branch in one pass over q (Triton); the two ops back to back elsewhere.
+    # Sparse + linear branch + Proj (Alg. 1's combine) for inference.
     "salad_attention": {
         "triton": "block_sparse_attn.triton:salad_attention_triton",
         "flex": "block_sparse_attn.fused:salad_attention_flex",

@@ -196,23 +196,19 @@ def salad_attention_fused(
     backend: str = "auto",
     eps: float = 1e-6,
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """Same result as ``salad_attention`` with fewer passes (the GPU hot path): one
-    ``salad::salad_attention`` kernel computes both branches and scales the linear one by
-    lambda * s_l * g in its epilogue and adds Proj's bias, scaled by the same coefficient, to
-    the sparse output; Proj then accumulates straight into that output (cuBLAS beta = 1)."""
+    """Same result as ``salad_attention`` with fewer passes (the GPU hot path): the
+    ``salad::salad_attention`` op does the sparse branch (with Proj's bias, scaled by
+    lambda * s_l * g, in its epilogue), then the linear branch in row chunks, each projected
+    straight into the sparse output."""
     if branch is None:
         sparse, _ = kernels.block_sparse_attention(q, k, v, selection, backend=backend)
         return merge_heads(sparse), None
     gate = branch.gate_value(x)
     coeff = linear_scale * gate * branch.scale.float()  # [B] fp32
-    out_bias = None
-    if branch.proj.bias is not None:  # coeff * b_proj rides in the sparse kernel's epilogue
-        out_bias = coeff[:, None] * branch.proj.bias.to(device=q.device, dtype=torch.float32)
-    sparse, _, linear = kernels.salad_attention(
-        q, k, v, selection, eps=eps, linear_scale=coeff, backend=backend, out_bias=out_bias
+    bias = branch.proj.bias
+    out = kernels.salad_attention(
+        q, k, v, selection, _plain_weight(branch.proj, q),
+        proj_bias=None if bias is None else bias.to(device=q.device, dtype=torch.float32),
+        linear_scale=coeff, eps=eps, backend=backend,
     )
-    out, linear = merge_heads(sparse), merge_heads(linear)  # views: the kernel writes [B, N, H, D]
-    w = _plain_weight(branch.proj, out)
-    for i in range(out.shape[0]):
-        out[i].addmm_(linear[i], w.t())
-    return out, gate
+    return merge_heads(out), gate  # a view: the op writes [B, N, H, D]

@@ -21,6 +21,7 @@ from kernels.block_select.naive import (
 )
 from kernels.block_sparse_attn.naive import block_sparse_attention_naive, block_sparse_attention_torch
 from kernels.linear_attn.naive import linear_attention_naive, linear_attention_torch
+from kernels.layout import out_like
 from kernels.selection import num_blocks
 
 INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
@@ -114,6 +115,35 @@ def check_linear(q, k, v, backend="triton"):
     return out
 
 
+def salad_reference(q, k, v, sel, w, bias, coeff):
+    """Alg. 1's combine in fp64 from the naive branches: O_s + c * (O_l W^T + b), head-merged."""
+    b, h, n, dv = v.shape
+    o_s, _ = block_sparse_attention_naive(q.double(), k.double(), v.double(), sel)
+    o_l = linear_attention_naive(q.double(), k.double(), v.double())
+    proj = o_l.transpose(1, 2).reshape(b, n, h * dv) @ w.double().t()
+    if bias is not None:
+        proj = proj + bias.double()
+    if coeff is not None:
+        proj = proj * coeff.double().view(b, 1, 1)
+    return o_s + proj.view(b, n, h, dv).transpose(1, 2)
+
+
+def check_salad(q, k, v, sel, seed, with_bias=True, with_scale=True):
+    """salad::salad_attention (Triton) vs the fp64 reference, within 2x the torch backend's error."""
+    b, h, _, dv = v.shape
+    g = torch.Generator().manual_seed(seed)
+    c = h * dv
+    w = (torch.randn(c, c, generator=g) * c**-0.5).to(q.device, q.dtype)
+    bias = torch.randn(c, generator=g).to(q.device) if with_bias else None
+    coeff = (torch.rand(b, generator=g) + 0.25).to(q.device) if with_scale else None
+    out = kernels.salad_attention(q, k, v, sel, w, bias, linear_scale=coeff, backend="triton")
+    assert not out.isnan().any() and out.dtype == q.dtype and out.stride() == out_like(q, dv).stride()
+    ref = salad_reference(q, k, v, sel, w, bias, coeff)
+    base = kernels.salad_attention(q, k, v, sel, w, bias, linear_scale=coeff, backend="torch")
+    assert rel(out, ref) <= 2 * rel(base, ref) + 1e-6, (rel(out, ref), rel(base, ref))
+    return out
+
+
 def stswa(b, h, grid, bs, device, windows):
     temporal = torch.arange(h) % 2 == 1
     sel = kernels.sliding_window_blocks(b, grid, bs, torch.tensor(windows), temporal, device, backend="triton")
@@ -157,21 +187,32 @@ def test_stswa_token_order_cpu(dtype):
 
 
 @cpu_only
-@pytest.mark.parametrize("epilogue", [False, True], ids=["separate", "epilogue"])
-def test_fused_salad_attention_cpu(epilogue, monkeypatch):
+@pytest.mark.parametrize("order_mode", ["gather", "permute"])
+@pytest.mark.parametrize("chunk_rows", [32, 8192], ids=["chunked", "one_chunk"])
+def test_salad_attention_op_cpu(chunk_rows, order_mode, monkeypatch):
+    """The whole combine: ST-SWA (token order) and Top-K, Proj applied over several row chunks
+    (a partial last one) or one, with and without bias / per-sample scale."""
     from kernels.block_sparse_attn import triton as bsa_t
 
-    monkeypatch.setattr(bsa_t, "FUSE_LINEAR_EPILOGUE", epilogue)
-    grid, bs, b, h = (3, 4, 10), 16, 2, 2
+    monkeypatch.setattr(bsa_t, "PROJ_CHUNK_ROWS", chunk_rows)
+    monkeypatch.setattr(bsa_t, "ORDER_MODE", order_mode)
+    grid, bs, b, h = (3, 4, 10), 16, 2, 2  # N = 120: partial last block
     q, k, v = wan_qkv(b, h, 120, 64, torch.bfloat16, "cpu", seed=11)
-    sel = stswa(b, h, grid, bs, "cpu", [16, 40])
-    out, lse, out_l = kernels.salad_attention(q, k, v, sel, backend="triton")
-    ref_o, ref_l = block_sparse_attention_naive(q.double(), k.double(), v.double(), sel)
-    base_o, _ = block_sparse_attention_torch(q, k, v, sel)
-    assert rel(out, ref_o) <= 2 * rel(base_o, ref_o)
-    ref_lin = linear_attention_naive(q.double(), k.double(), v.double())
-    assert rel(out_l, ref_lin) <= 2 * rel(linear_attention_torch(q, k, v), ref_lin) + 1e-6
-    assert not out_l.isnan().any()
+    check_salad(q, k, v, stswa(b, h, grid, bs, "cpu", [16, 40]), seed=1)
+    sel = kernels.select_topk_blocks(q, k, bs, 3, backend="triton")
+    check_salad(q, k, v, sel, seed=2, with_bias=False, with_scale=False)
+    # q as a plain contiguous [B, H, N, D] tensor: no head-merged view of the output exists.
+    qc, kc, vc = (t.contiguous() for t in (q, k, v))
+    check_salad(qc, kc, vc, sel, seed=3)
+
+
+def test_salad_attention_op_rejects_bad_proj():
+    q, k, v = wan_qkv(1, 2, 40, 16, torch.float32, "cpu", seed=0)
+    sel = kernels.select_topk_blocks(q, k, 16, 1, backend="torch")
+    with pytest.raises(ValueError, match=r"Expected Proj weight \[32, 32\]"):
+        kernels.salad_attention(q, k, v, sel, torch.zeros(16, 16), backend="torch")
+    with pytest.raises(ValueError, match=r"Expected linear_scale of shape \(1,\)"):
+        kernels.salad_attention(q, k, v, sel, torch.zeros(32, 32), linear_scale=torch.ones(2), backend="torch")
 
 
 def test_registry_fallbacks(monkeypatch, caplog):
@@ -236,6 +277,8 @@ def test_topk_gpu(shape, dtype, topk):
     check_linear(q, k, v)
     if topk == 4 and shape == GPU_SHAPES[0] and dtype == torch.bfloat16:  # flex compiles per shape
         check_attention(q, k, v, sel, backend="flex")
+    if topk == 4:
+        check_salad(q, k, v, sel, seed=n)
 
 
 @gpu_only
@@ -258,16 +301,7 @@ def test_stswa_gpu(heads, d, dtype):
         check_attention(q, k, v, sel)
     finally:
         bsa_t.ORDER_MODE = old
-    ref_lin = linear_attention_naive(q.double(), k.double(), v.double())
-    for epilogue in (False, True):
-        bsa_t.FUSE_LINEAR_EPILOGUE = epilogue
-        try:
-            out, lse, out_l = kernels.salad_attention(q, k, v, sel, backend="triton")
-        finally:
-            bsa_t.FUSE_LINEAR_EPILOGUE = False
-        assert rel(out_l, ref_lin) <= 2 * rel(linear_attention_torch(q, k, v), ref_lin) + 1e-6
-        out2, _ = kernels.block_sparse_attention(q, k, v, sel, backend="triton")
-        assert torch.equal(out, out2)
+    check_salad(q, k, v, sel, seed=heads)
 
 
 @gpu_only
@@ -283,44 +317,6 @@ def test_torch_compile_gpu():
     eager = f(q, k, v)
     compiled = torch.compile(f, fullgraph=True)(q, k, v)
     torch.testing.assert_close(compiled, eager)
-
-
-@cpu_only
-@pytest.mark.parametrize("epilogue", [False, True], ids=["separate", "epilogue"])
-def test_fused_linear_scale_cpu(epilogue, monkeypatch):
-    from kernels.block_sparse_attn import triton as bsa_t
-
-    monkeypatch.setattr(bsa_t, "FUSE_LINEAR_EPILOGUE", epilogue)
-    q, k, v = wan_qkv(2, 2, 70, 32, torch.float16, "cpu", seed=13)
-    sel = kernels.select_topk_blocks(q, k, 16, 2, backend="triton")
-    scale = torch.tensor([0.25, 1.5])
-    _, _, out_l = kernels.salad_attention(q, k, v, sel, linear_scale=scale, backend="triton")
-    _, _, ref_l = kernels.salad_attention(q, k, v, sel, linear_scale=scale, backend="torch")
-    torch.testing.assert_close(out_l, ref_l, rtol=2e-3, atol=2e-3)
-
-
-@cpu_only
-@pytest.mark.parametrize("order_mode", ["gather", "permute"])
-@pytest.mark.parametrize("epilogue", [False, True], ids=["separate", "epilogue"])
-def test_out_bias_cpu(epilogue, order_mode, monkeypatch):
-    """out_bias [B, H * Dv] lands on the sparse output per head, rows of a token order included."""
-    from kernels.block_sparse_attn import triton as bsa_t
-
-    monkeypatch.setattr(bsa_t, "FUSE_LINEAR_EPILOGUE", epilogue)
-    monkeypatch.setattr(bsa_t, "ORDER_MODE", order_mode)
-    b, h, d = 2, 3, 32
-    q, k, v = wan_qkv(b, h, 70, d, torch.float16, "cpu", seed=17)
-    sel = kernels.sliding_window_blocks(b, (2, 5, 7), 16, torch.tensor([16, 32, 16]), torch.tensor([False, True, True]), "cpu", backend="triton")
-    bias = torch.randn(b, h * d, generator=torch.Generator().manual_seed(3))
-    plain, _, _ = kernels.salad_attention(q, k, v, sel, backend="triton")
-    out, _, _ = kernels.salad_attention(q, k, v, sel, backend="triton", out_bias=bias)
-    ref, _, _ = kernels.salad_attention(q, k, v, sel, backend="torch", out_bias=bias)
-    torch.testing.assert_close(out.float(), ref.float(), rtol=2e-3, atol=4e-3)
-    # Independent of the torch path: the bias is exactly what was added, head by head.
-    want = plain.float() + bias.view(b, h, 1, d)
-    torch.testing.assert_close(out.float(), want, rtol=2e-3, atol=4e-3)
-    with pytest.raises(ValueError, match=r"Expected out_bias of shape \(2, 96\)"):
-        kernels.salad_attention(q, k, v, sel, backend="triton", out_bias=bias[:, :d])
 
 
 @cpu_only

@@ -1,5 +1,6 @@
-"""Sparse + linear branch together (the ``salad::salad_attention`` op) for backends with no
-fused kernel: the two ops back to back. The Triton version lives in triton.py."""
+"""The whole SALAD combine (the ``salad::salad_attention`` op) for backends with no fused
+path: the sparse op, the linear op and Proj one after another, in fp32. The Triton version
+lives in triton.py."""
 
 from __future__ import annotations
 
@@ -15,27 +16,14 @@ def salad_attention_torch(
     k: torch.Tensor,
     v: torch.Tensor,
     selection: BlockSelection,
+    proj_weight: torch.Tensor,
+    proj_bias: torch.Tensor | None = None,
+    linear_scale: torch.Tensor | None = None,
     scale: float | None = None,
     eps: float = DEFAULT_EPS,
-    linear_scale: torch.Tensor | None = None,
-    out_bias: torch.Tensor | None = None,
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    out, lse = block_sparse_attention_torch(q, k, v, selection, scale)
-    return _biased(out, out_bias), lse, _scaled(linear_attention_torch(q, k, v, eps), linear_scale)
-
-
-def _scaled(x: torch.Tensor, linear_scale: torch.Tensor | None) -> torch.Tensor:
-    if linear_scale is None:
-        return x
-    return (x.float() * linear_scale.float().view(-1, 1, 1, 1)).to(x.dtype)
-
-
-def _biased(out: torch.Tensor, out_bias: torch.Tensor | None) -> torch.Tensor:
-    """out [B, H, N, Dv] + out_bias [B, H * Dv] (per head, the same for every token), in fp32."""
-    if out_bias is None:
-        return out
-    b, h, _, dv = out.shape
-    return (out.float() + out_bias.float().view(b, h, 1, dv)).to(out.dtype)
+) -> torch.Tensor:
+    out, _ = block_sparse_attention_torch(q, k, v, selection, scale)
+    return _combine(out, q, k, v, eps, proj_weight, proj_bias, linear_scale)
 
 
 def salad_attention_flex(
@@ -43,12 +31,27 @@ def salad_attention_flex(
     k: torch.Tensor,
     v: torch.Tensor,
     selection: BlockSelection,
+    proj_weight: torch.Tensor,
+    proj_bias: torch.Tensor | None = None,
+    linear_scale: torch.Tensor | None = None,
     scale: float | None = None,
     eps: float = DEFAULT_EPS,
-    linear_scale: torch.Tensor | None = None,
-    out_bias: torch.Tensor | None = None,
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+) -> torch.Tensor:
     from .flex import block_sparse_attention_flex
 
-    out, lse = block_sparse_attention_flex(q, k, v, selection, scale)
-    return _biased(out, out_bias), lse, _scaled(linear_attention_torch(q, k, v, eps), linear_scale)
+    out, _ = block_sparse_attention_flex(q, k, v, selection, scale)
+    return _combine(out, q, k, v, eps, proj_weight, proj_bias, linear_scale)
+
+
+def _combine(out, q, k, v, eps, proj_weight, proj_bias, linear_scale) -> torch.Tensor:
+    """O_s + c * (O_l W^T + b) over head-merged rows (Alg. 1), fp32, in out's dtype and layout."""
+    b, h, n, dv = out.shape
+    lin = linear_attention_torch(q, k, v, eps)  # rounded to q's dtype, as the fused path feeds Proj
+    proj = lin.float().transpose(1, 2).reshape(b, n, h * dv) @ proj_weight.float().t()
+    if proj_bias is not None:
+        proj = proj + proj_bias.float()
+    if linear_scale is not None:
+        proj = proj * linear_scale.float().view(b, 1, 1)
+    result = torch.empty_like(out)
+    result.copy_(out.float() + proj.view(b, n, h, dv).transpose(1, 2))
+    return result

@@ -8,8 +8,8 @@ Per-head token orders (ST-SWA temporal heads) are handled by a fused gather: the
 q/k/v rows through ``token_order`` and scatters output rows back, so no permuted copy of the
 tensors is made (``ORDER_MODE``: "gather", "permute" = explicit copies, "auto" = by size).
 
-Optionally (``linear`` given, FUSE_LINEAR_EPILOGUE) the same program also applies the linear
-branch to the q tile it already holds: out_lin = relu(q) S / (relu(q) z + eps), written to a second output.
+``salad_attention_triton`` is the whole SALAD combine for inference: this kernel (with the gated
+Proj bias in its epilogue), the linear branch in row chunks, and Proj accumulated in place.
 """
 
 from __future__ import annotations
@@ -35,10 +35,9 @@ def interpreting() -> bool:
 NUM_WARPS = {16: 4, 32: 4, 64: 4, 128: 8}
 NUM_STAGES = 3
 
-# Apply the linear branch in the sparse kernel's epilogue. Off: with a 3xTF32 epilogue the
-# fused kernel ran 3.37 ms vs 1.75 ms unfused (1.3B topk 90, H100): register pressure slowed
-# the main loop. Re-measure with the hi/lo 16-bit epilogue before turning it on.
-FUSE_LINEAR_EPILOGUE = False
+# Rows of the linear branch made (and projected) at a time in salad_attention_triton: its
+# buffer is this many rows instead of a second full-size output.
+PROJ_CHUNK_ROWS = 8192
 
 # Load K/V tiles through TMA descriptors when rows are not gathered (H100, 90 %: topk 1.69 ->
 # 1.53 ms at the 1.3B shape, 28.1 -> 27.2 ms at 14B; attention-h100-s4-variants.json).
@@ -58,28 +57,6 @@ def cast_out(x, dtype: tl.constexpr, EMULATE_RNE: tl.constexpr):
             bits = (bits + 0x7FFF + ((bits >> 16) & 1)) & -65536
             x = bits.to(tl.float32, bitcast=True)
     return x.to(dtype)
-
-@triton.jit
-def linear_apply_tile(q, SHI, SLO, Z, EPS, SCALE, bh, b, offs_d, offs_dv,
-                      D: tl.constexpr, DV: tl.constexpr, HAS_SCALE: tl.constexpr, DOT_F32: tl.constexpr):
-    """The linear branch for a tile of query rows (paper eq. 3), fp32:
-    relu(q) S / (relu(q) z + eps) [* scale[b]], with S = hi + lo from linear_attn.triton's
-    linear_prepare. Shared by the linear-apply kernel and the sparse kernel's epilogue."""
-    fq = tl.maximum(q, 0.0).to(q.dtype)  # relu is exact in q's dtype
-    s_off = bh * D * DV + offs_d[:, None] * DV + offs_dv[None, :]
-    hi = tl.load(SHI + s_off)
-    lo = tl.load(SLO + s_off)
-    if DOT_F32:  # the CPU interpreter multiplies bf16 as raw uint16: upcast there only
-        num = tl.dot(fq.to(tl.float32), hi.to(tl.float32)) + tl.dot(fq.to(tl.float32), lo.to(tl.float32))
-    else:
-        num = tl.dot(fq, hi) + tl.dot(fq, lo)
-    z = tl.load(Z + bh * D + offs_d)
-    den = tl.sum(fq.to(tl.float32) * z[None, :], 1) + tl.load(EPS + bh)
-    out = num / den[:, None]
-    if HAS_SCALE:
-        out = out * tl.load(SCALE + b).to(tl.float32)
-    return out
-
 
 @triton.jit
 def _attend_key_block(
@@ -130,23 +107,20 @@ def _attend_key_block(
 
 
 # "gather": index q/k/v rows through token_order inside the kernel; "permute": copy q/k/v into
-# each head's working order first, and the output back after; "auto": gather below
-# PERMUTE_MIN_ELEMENTS elements of q, permute above. H100, stswa 90%: 1.3B shape gather 2.32 ms
-# vs permute 2.40 ms; 14B shape gather 35.2 ms vs permute 32.9 ms (scattered rows thrash L2).
-ORDER_MODE = "auto"
-PERMUTE_MIN_ELEMENTS = 200_000_000
+# each head's working order first, and the output back after. H100, stswa 90% (session 4):
+# 1.3B shape gather 2.00 ms vs permute 2.24 ms; 14B shape gather 32.4 ms vs permute 31.3 ms,
+# but permute holds 4 extra tensor-sized copies (5.0x q of extra memory vs 1.02x): gather.
+ORDER_MODE = "gather"
 
 
 @triton.jit
 def _bsa_fwd_kernel(
-    Q, K, V, O, LSE, KVI, KVC, ORDER, SHI, SLO, Z, EPS, OL, LSCALE, OBIAS,
+    Q, K, V, O, LSE, KVI, KVC, ORDER, OBIAS,
     sqb, sqh, sqn, skb, skh, skn, svb, svh, svn, sob, soh, son,
     slb, slh, s_ib, s_ih, s_im, s_cb, s_ch, s_oh,
-    solb, solh, soln,
     H, N, qk_scale,
     BS: tl.constexpr, D: tl.constexpr, DV: tl.constexpr,
-    HAS_ORDER: tl.constexpr, HAS_LINEAR: tl.constexpr, HAS_LSCALE: tl.constexpr,
-    DOT_F32: tl.constexpr, SPLIT_LAST: tl.constexpr, USE_TMA: tl.constexpr, HAS_OBIAS: tl.constexpr,
+    HAS_ORDER: tl.constexpr, DOT_F32: tl.constexpr, SPLIT_LAST: tl.constexpr, USE_TMA: tl.constexpr, HAS_OBIAS: tl.constexpr,
     KD, VD,
 ):
     pid_m = tl.program_id(0)
@@ -201,15 +175,10 @@ def _bsa_fwd_kernel(
              cast_out(out, O.dtype.element_ty, DOT_F32), mask=m_ok[:, None])
     tl.store(LSE + b * slb + h * slh + rows_m, lse, mask=m_ok)
 
-    if HAS_LINEAR:
-        ol = linear_apply_tile(q, SHI, SLO, Z, EPS, LSCALE, bh, b, offs_d, offs_dv, D, DV, HAS_LSCALE, DOT_F32)
-        tl.store(OL + b * solb + h * solh + rows_m[:, None] * soln + offs_dv[None, :],
-                 cast_out(ol, OL.dtype.element_ty, DOT_F32), mask=m_ok[:, None])
 
 
-def _launch(q, k, v, selection: BlockSelection, scale, order, linear=None, linear_scale=None, out_bias=None):
-    """linear: optional (hi, lo, z/c, eps/c) from linear_attn.triton.linear_prepare;
-    out_bias: optional fp32 [B, H * DV] added to the output."""
+def _launch(q, k, v, selection: BlockSelection, scale, order, out_bias=None):
+    """out_bias: optional fp32 [B, H * DV] added to the output."""
     b, h, n, d = q.shape
     dv = v.shape[-1]
     bs = selection.block_size
@@ -224,10 +193,8 @@ def _launch(q, k, v, selection: BlockSelection, scale, order, linear=None, linea
     has_order = order is not None
     if has_order:
         order = order.contiguous()
-    has_linear = linear is not None
-    out_l = out_like(q, dv) if has_linear else out
     if POISON_OUTPUTS:
-        for t in (out, lse, out_l):
+        for t in (out, lse):
             t.fill_(float("nan"))
     dummy = kvc
     use_tma = USE_TMA and not has_order and not interpreting() and _tma_ok(k, v)
@@ -241,23 +208,17 @@ def _launch(q, k, v, selection: BlockSelection, scale, order, linear=None, linea
     _bsa_fwd_kernel[grid](
         q, k, v, out, lse, kvi, kvc,
         order if has_order else dummy,
-        *(linear if has_linear else (dummy,) * 4),
-        out_l,
-        linear_scale if linear_scale is not None else dummy,
         out_bias if out_bias is not None else dummy,
         q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), k.stride(2),
         v.stride(0), v.stride(1), v.stride(2), out.stride(0), out.stride(1), out.stride(2),
         lse.stride(0), lse.stride(1), kvi.stride(0), kvi.stride(1), kvi.stride(2),
         kvc.stride(0), kvc.stride(1), order.stride(0) if has_order else 0,
-        out_l.stride(0), out_l.stride(1), out_l.stride(2),
         h, n, float(scale) * LOG2E,
-        BS=bs, D=d, DV=dv, HAS_ORDER=has_order, HAS_LINEAR=has_linear,
-        HAS_LSCALE=linear_scale is not None, DOT_F32=interpreting(),
-        SPLIT_LAST=has_order, USE_TMA=use_tma,
-        HAS_OBIAS=out_bias is not None, KD=kd, VD=vd,
+        BS=bs, D=d, DV=dv, HAS_ORDER=has_order, DOT_F32=interpreting(),
+        SPLIT_LAST=has_order, USE_TMA=use_tma, HAS_OBIAS=out_bias is not None, KD=kd, VD=vd,
         num_warps=NUM_WARPS.get(bs, 4), num_stages=NUM_STAGES,
     )
-    return out, lse, (out_l if has_linear else None)
+    return out, lse
 
 
 def _tma_ok(*tensors) -> bool:
@@ -291,14 +252,11 @@ def block_sparse_attention_triton(
     _check(q, k, v, selection)
     scale = q.shape[-1] ** -0.5 if scale is None else scale
     order = selection.token_order
-    mode = ORDER_MODE
-    if mode == "auto":
-        mode = "permute" if q.numel() >= PERMUTE_MIN_ELEMENTS else "gather"
-    if order is not None and mode == "permute":
+    if order is not None and ORDER_MODE == "permute":
         qw, kw, vw = (to_working_order(t, order) for t in (q, k, v))
-        out, lse, _ = _launch(qw, kw, vw, selection, scale, None, out_bias=out_bias)
+        out, lse = _launch(qw, kw, vw, selection, scale, None, out_bias)
         return from_working_order(out, order), from_working_order(lse, order)
-    out, lse, _ = _launch(q, k, v, selection, scale, order, out_bias=out_bias)
+    out, lse = _launch(q, k, v, selection, scale, order, out_bias)
     return out, lse
 
 
@@ -307,29 +265,42 @@ def salad_attention_triton(
     k: torch.Tensor,
     v: torch.Tensor,
     selection: BlockSelection,
+    proj_weight: torch.Tensor,
+    proj_bias: torch.Tensor | None = None,
+    linear_scale: torch.Tensor | None = None,
     scale: float | None = None,
     eps: float = 1e-6,
-    linear_scale: torch.Tensor | None = None,
-    out_bias: torch.Tensor | None = None,
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Sparse branch and linear branch: (out_sparse, lse, out_linear).
-
-    linear_scale: optional fp32 [B] multiplying out_linear per sample (e.g. lambda*s_l*gate).
-    out_bias: optional fp32 [B, H * DV] added to out_sparse per head (e.g. the gated Proj bias).
-    FUSE_LINEAR_EPILOGUE applies the linear state in the sparse kernel's epilogue (one read of
-    q) instead of a separate apply kernel."""
-    from ..linear_attn.triton import linear_apply_triton, linear_prepare, linear_state_triton
+) -> torch.Tensor:
+    """Same contract as fused.salad_attention_torch: O_s + c * (O_l W^T + b) per head-merged
+    row (Alg. 1), in q's layout. The sparse kernel adds c * b in its epilogue; the linear
+    branch is made PROJ_CHUNK_ROWS rows at a time and projected straight into the sparse
+    output (cuBLAS beta = 1), so the only full-size buffer is the output itself."""
+    from ..linear_attn.triton import linear_apply_prepared, linear_prepare, linear_state_triton
 
     _check(q, k, v, selection)
     scale = q.shape[-1] ** -0.5 if scale is None else scale
-    if linear_scale is not None:
-        linear_scale = linear_scale.to(torch.float32).contiguous()
+    b, h, n, _ = q.shape
+    dv = v.shape[-1]
+    out_bias = None
+    if proj_bias is not None:
+        coeff = torch.ones(b, device=q.device) if linear_scale is None else linear_scale
+        out_bias = (coeff.float()[:, None] * proj_bias.float()[None, :]).contiguous()
     state, z = linear_state_triton(k, v)
-    if FUSE_LINEAR_EPILOGUE and (selection.token_order is None or ORDER_MODE != "permute"):
-        linear = linear_prepare(state, z, eps, q.dtype)
-        return _launch(q, k, v, selection, scale, selection.token_order, linear, linear_scale, out_bias)
-    out, lse = block_sparse_attention_triton(q, k, v, selection, scale, out_bias)
-    return out, lse, linear_apply_triton(q, state, z, eps, linear_scale)
+    prepared = linear_prepare(state, z, eps, q.dtype)
+    out, _ = block_sparse_attention_triton(q, k, v, selection, scale, out_bias)
+    w_t = proj_weight.to(out.dtype).t()
+    rows_view = out.transpose(1, 2)  # [B, N, H, DV]
+    merged = rows_view.view(b, n, h * dv) if rows_view.is_contiguous() else None
+    for r0 in range(0, n, PROJ_CHUNK_ROWS):
+        r1 = min(n, r0 + PROJ_CHUNK_ROWS)
+        lin = linear_apply_prepared(q[:, :, r0:r1], prepared, linear_scale)
+        lin = lin.transpose(1, 2).reshape(b, r1 - r0, h * dv)  # a view for Wan-layout q
+        for i in range(b):
+            if merged is not None:
+                merged[i, r0:r1].addmm_(lin[i], w_t)
+            else:
+                rows_view[i, r0:r1] += (lin[i] @ w_t).view(r1 - r0, h, dv)
+    return out
 
 
 __all__ = ["block_sparse_attention_triton", "salad_attention_triton"]

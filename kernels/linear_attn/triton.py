@@ -6,7 +6,7 @@
    into hi + lo 16-bit halves (``linear_prepare``), so two tensor-core products keep ~16
    mantissa bits; optional per-sample ``out_scale`` (e.g. the SALAD gate) fused into the store.
    (v1 used a 3xTF32 fp32 product: 0.82 ms at the 1.3B shape, register-bound.)
-The apply step can instead ride in the sparse kernel's epilogue (block_sparse_attn.triton).
+(An apply step in the sparse kernel's epilogue was slower: register pressure in its main loop.)
 """
 
 from __future__ import annotations
@@ -15,7 +15,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ..block_sparse_attn.triton import cast_out, interpreting, linear_apply_tile
+from ..block_sparse_attn.triton import cast_out, interpreting
 from ..layout import out_like, rowmajor
 from .naive import DEFAULT_EPS
 
@@ -56,6 +56,28 @@ def _state_kernel(
         zacc += tl.sum(kt.to(tl.float32), 1)
     tl.atomic_add(S + bh * D * DV + offs_d[:, None] * DV + offs_dv[None, :], acc)
     tl.atomic_add(Z + bh * D + offs_d, zacc)
+
+
+@triton.jit
+def linear_apply_tile(q, SHI, SLO, Z, EPS, SCALE, bh, b, offs_d, offs_dv,
+                      D: tl.constexpr, DV: tl.constexpr, HAS_SCALE: tl.constexpr, DOT_F32: tl.constexpr):
+    """The linear branch for a tile of query rows (paper eq. 3), fp32:
+    relu(q) S / (relu(q) z + eps) [* scale[b]], with S = hi + lo from linear_attn.triton's
+    linear_prepare."""
+    fq = tl.maximum(q, 0.0).to(q.dtype)  # relu is exact in q's dtype
+    s_off = bh * D * DV + offs_d[:, None] * DV + offs_dv[None, :]
+    hi = tl.load(SHI + s_off)
+    lo = tl.load(SLO + s_off)
+    if DOT_F32:  # the CPU interpreter multiplies bf16 as raw uint16: upcast there only
+        num = tl.dot(fq.to(tl.float32), hi.to(tl.float32)) + tl.dot(fq.to(tl.float32), lo.to(tl.float32))
+    else:
+        num = tl.dot(fq, hi) + tl.dot(fq, lo)
+    z = tl.load(Z + bh * D + offs_d)
+    den = tl.sum(fq.to(tl.float32) * z[None, :], 1) + tl.load(EPS + bh)
+    out = num / den[:, None]
+    if HAS_SCALE:
+        out = out * tl.load(SCALE + b).to(tl.float32)
+    return out
 
 
 @triton.jit
@@ -111,10 +133,16 @@ def linear_state_triton(k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor,
 
 def linear_apply_triton(q, state, z, eps=DEFAULT_EPS, out_scale: torch.Tensor | None = None):
     """relu(q) S / (relu(q) z + eps), times ``out_scale`` (fp32 [B], optional) per sample."""
+    return linear_apply_prepared(q, linear_prepare(state, z, eps, q.dtype), out_scale)
+
+
+def linear_apply_prepared(q, prepared, out_scale: torch.Tensor | None = None):
+    """linear_apply_triton with the state already split by ``linear_prepare`` (callers that
+    apply one state to several row ranges split it once)."""
     b, h, n, d = q.shape
-    dv = state.shape[-1]
     q = rowmajor(q)
-    hi, lo, zn, epsn = linear_prepare(state, z, eps, q.dtype)
+    hi, lo, zn, epsn = prepared
+    dv = hi.shape[-1]
     out = out_like(q, dv)
     if POISON_OUTPUTS:
         out.fill_(float("nan"))
