@@ -1,6 +1,6 @@
 """End-to-end benchmark (design.md §7): ComfyUI's own Wan2.1 model, dense vs SALAD, one GPU.
 
-    python bench/e2e.py --model 1.3b [--steps 10] [--warmup 2] [--out DIR] [--compile]
+    python bench/e2e.py --model 1.3b [--steps 10] [--warmup 2] [--out DIR] [--compile] [--profile]
     python bench/e2e.py --model tiny --device cpu          # CPU dry run of the whole path
     python bench/e2e.py --plot bench/results/e2e-h100.json # table + PNG from saved records
 
@@ -178,6 +178,17 @@ def sample(patcher, inputs, steps, timer=None):
                                inputs["latent"], denoise=1.0, disable_pbar=True, seed=inputs["seed"])
 
 
+def profile_step(patcher, inputs, path: Path):
+    """One sampling step under torch.profiler: the GPU kernels by total time, to ``path``."""
+    from torch.profiler import ProfilerActivity, profile
+
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        sample(patcher, inputs, 1)
+        torch.cuda.synchronize()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(prof.key_averages().table(sort_by="cuda_time_total", row_limit=30) + "\n")
+
+
 def configs(args, info):
     """(case, make(base) -> patched ModelPatcher or None to skip, note)."""
     from salad_core import SaladConfig
@@ -273,6 +284,8 @@ def run(args, ctx):
                 attn_ms = sum(known) / len(known)
                 record(ctx, case, "attn_ms_per_step", attn_ms, share=round(attn_ms / 1000 / step_s, 4),
                        sparsity=round(s.sparsity or 0.0, 4), salad_steps=len(s.steps), dense_steps=s.dense_steps)
+        if args.profile and cuda and not ctx.get("compiled"):  # after the stats: its step is not in them
+            profile_step(patcher, inputs, Path(args.out) / f"e2e-profile-{ctx['shape']}-{case}.txt")
         return step_s
 
     if cuda:
@@ -331,6 +344,7 @@ def main():
     ap.add_argument("--no-sage", action="store_true")
     ap.add_argument("--cases", default="", help="comma-separated cases to run besides dense (default: all)")
     ap.add_argument("--attn-steps", type=int, default=2, help="steps of the extra dense run that times attention (0: skip)")
+    ap.add_argument("--profile", action="store_true", help="also profile one step per uncompiled case (GPU kernel table)")
     ap.add_argument("--out", default=str(REPO / "bench" / "results"))
     ap.add_argument("--tag", default=None, help="file tag (default: h100/h200/cpu)")
     ap.add_argument("--plot", default=None, help="only redraw .md/.png from this JSON")
