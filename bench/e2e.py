@@ -58,6 +58,8 @@ def setup_comfy(cpu: bool):
 
 
 def git_sha() -> str:
+    if os.environ.get("GIT_SHA"):  # set by the caller where the checkout's HEAD is stale
+        return os.environ["GIT_SHA"]
     try:
         return subprocess.check_output(["git", "rev-parse", "HEAD"], cwd=REPO, text=True, stderr=subprocess.DEVNULL).strip()
     except Exception:
