@@ -328,3 +328,81 @@ def test_topk_impls_cpu(impl, monkeypatch):
     q, k, _ = wan_qkv(2, 3, 170, 64, torch.bfloat16, "cpu", seed=17)
     for topk in (1, 4, 50):
         check_topk(q, k, 16, topk)
+
+
+def tied_qk(b, h, nb, bs, n, d, seed):
+    """bf16 q, k [B, H, N, D] whose scores are small exact integers with many exact ties.
+
+    Entries are -1, 0 or 1 and constant within a block, so the pooled means and their dot
+    products are exact in any summation order; the key blocks are drawn from 4 distinct
+    vectors, so every row has long runs of equal scores, both signs."""
+    g = torch.Generator().manual_seed(seed)
+    q_blocks = torch.randint(-1, 2, (b, h, nb, d), generator=g)
+    distinct = torch.randint(-1, 2, (b, h, 4, d), generator=g)
+    pick = torch.randint(0, 4, (b, h, nb), generator=g)
+    k_blocks = distinct.gather(2, pick[..., None].expand(-1, -1, -1, d))
+    return [x.repeat_interleave(bs, dim=2)[:, :, :n].to(torch.bfloat16) for x in (q_blocks, k_blocks)]
+
+
+def topk_lowest_ids(q, k, bs, topk):
+    """The Top-K contract with ties broken by lowest block id (torch.topk leaves that open)."""
+    from kernels.block_select.naive import mean_pool_blocks
+
+    scores = mean_pool_blocks(q, bs) @ mean_pool_blocks(k, bs).transpose(-1, -2)
+    scores.diagonal(dim1=-2, dim2=-1).fill_(float("inf"))
+    k_eff = max(1, min(topk, scores.shape[-1]))
+    order = scores.sort(dim=-1, descending=True, stable=True).indices
+    return order[..., :k_eff].sort(dim=-1).values.to(torch.int32)
+
+
+TOPK_TRITON_CASES = [
+    # (B, H, N, D, block, topk): nb = ceil(N / block)
+    (2, 2, 267, 32, 16, 1),  # nb 17 (partial last block), diagonal only
+    (2, 3, 267, 32, 16, 5),
+    (2, 2, 267, 32, 16, 17),  # k = nb
+    (2, 2, 261, 16, 8, 7),  # nb 33
+    (2, 2, 512, 16, 16, 10),  # nb 32, a power of two
+    (2, 2, 512, 16, 16, 32),  # k = nb with no padding column
+    (1, 1, 4399, 16, 4, 118),  # nb 1100: 1024 + 256 columns, as at 14B (nb 1182)
+]
+
+
+@cpu_only
+@pytest.mark.parametrize("case", TOPK_TRITON_CASES, ids=lambda c: "B{}H{}N{}D{}bs{}k{}".format(*c))
+def test_topk_triton_kernel_cpu(case, monkeypatch):
+    from kernels.block_select import triton as sel_t
+
+    monkeypatch.setattr(sel_t, "TOPK_IMPL", "triton")
+    b, h, n, d, bs, topk = case
+    q, k, _ = wan_qkv(b, h, n, d, torch.bfloat16, "cpu", seed=n + topk)
+    check_topk(q, k, bs, topk)
+
+
+@cpu_only
+@pytest.mark.parametrize(
+    "nb,bs,topk",
+    [(17, 8, 1), (17, 8, 6), (40, 8, 13), (40, 8, 40), (600, 4, 150)],
+    ids=lambda v: str(v),
+)
+def test_topk_triton_ties_cpu(nb, bs, topk, monkeypatch):
+    """Exact ties across the threshold go to the lowest block ids, also when the tied blocks
+    straddle the two column segments (nb 40: 32 + 16 columns, nb 600: 512 + 128)."""
+    from kernels.block_select import triton as sel_t
+
+    monkeypatch.setattr(sel_t, "TOPK_IMPL", "triton")
+    b, h = (1, 1) if nb > 64 else (2, 2)
+    n = nb * bs - 3
+    q, k = tied_qk(b, h, nb, bs, n, 16, seed=nb + topk)
+    sel = sel_t.select_topk_blocks_triton(q, k, bs, topk)
+    assert torch.equal(sel.kv_counts, torch.full_like(sel.kv_counts, min(topk, nb)))
+    assert torch.equal(sel.kv_indices, topk_lowest_ids(q, k, bs, topk))
+
+
+@cpu_only
+def test_topk_triton_rejects_head_dim(monkeypatch):
+    from kernels.block_select import triton as sel_t
+
+    monkeypatch.setattr(sel_t, "TOPK_IMPL", "triton")
+    q, k, _ = wan_qkv(1, 1, 64, 8, torch.bfloat16, "cpu", seed=0)
+    with pytest.raises(ValueError, match="multiple of 16"):
+        sel_t.select_topk_blocks_triton(q, k, 16, 2)

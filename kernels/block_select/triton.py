@@ -4,9 +4,11 @@ index. Loaded only through the registry, so importing Triton happens on first us
 Top-K runs in two launches:
 1. ``_pool_kernel``: mean-pools q and k blocks into fp32 [B, H, nb, D] (q) and [B, H, D, nb]
    (k, transposed so the scoring kernel reads it coalesced).
-2. ``_topk_kernel``: per (batch, head, tile of query blocks) scores the whole key-block row in
-   registers, finds the k-th largest score by a 32-step bisection over the score's sortable
-   int32 bits (ties broken by lowest block id), and writes the chosen ids ascending.
+2. ``_topk_kernel``: per (batch, head, tile of BQ query blocks) scores the whole key-block row in
+   registers (fp32 FMA over d), maps each score to a uint32 key with the same order, finds the
+   k-th largest key by a radix select from the most significant bit (stops once exactly k keys
+   clear the threshold), breaks ties at the threshold by lowest block id, and writes the chosen
+   ids ascending.
 The only intermediate is block-level (nb x D); the nb x nb score matrix never leaves registers.
 """
 
@@ -19,12 +21,16 @@ import triton.language as tl
 from ..selection import BlockSelection, num_blocks
 from .naive import window_radius_blocks
 
-INT32_MAX = tl.constexpr(2147483647)
-INT32_MIN = tl.constexpr(-2147483648)
-# "torch": Triton pooling, then cuBLAS block scores + torch.topk. The fused kernel below took
-# 642 ms at the 14B shape on an H100 (whole-row int64 register tile; see KERNEL_NOTES). "triton": the fused
-# pool-score-bisection kernel (kept for small nb and further work).
-TOPK_IMPL = "torch"
+# "triton" (default): the fused score + radix-select kernel below. Predicted on an H100 from the
+# sm_90 SASS (to be confirmed by bench): kernel ~0.04 ms at 1.3B (nb 512, k 51) and ~0.8-1.0 ms
+# at 14B (nb 1182, k 118: fp32 FMA scoring and ~25 radix passes, plus 3.6 GB of k̄ᵀ re-read from
+# L2), so with pooling (reads q and k once) ~0.15-0.2 ms and ~1.3-1.6 ms in all.
+# "torch": Triton pooling, then cuBLAS fp32 block scores + torch.topk + sort (0.79 ms 1.3B,
+# 3.56 ms 14B); the fallback, and the speed reference.
+TOPK_IMPL = "triton"
+
+# Longer rows take the "torch" path: a [16, 4096] fp32 k̄ᵀ chunk fills shared memory.
+TOPK_TRITON_MAX_BLOCKS = 4096
 
 # Tests set this: outputs start as -1 so an unwritten index can't pass.
 POISON_OUTPUTS = False
@@ -54,49 +60,106 @@ def _pool_kernel(
 
 
 @triton.jit
+def _score_keys(
+    QP, KPT, bh, rows, row_ok, c0, NB,
+    BQ: tl.constexpr, S: tl.constexpr, D: tl.constexpr, DC: tl.constexpr,
+):
+    """uint32 keys [BQ, S] for key blocks c0 .. c0 + S - 1, ordered like the fp32 scores.
+
+    The diagonal gets the largest key (always kept), columns past NB get 0 and real columns at
+    least 1, so padding never reaches the threshold."""
+    cols = c0 + tl.arange(0, S)
+    col_ok = cols < NB
+    dk = tl.arange(0, DC)
+    qp = QP + (bh * NB + rows[:, None]) * D + dk[None, :]
+    kpt = KPT + bh * D * NB + dk[:, None] * NB + cols[None, :]
+    acc = tl.zeros([BQ, S], dtype=tl.float32)
+    for d0 in range(0, D, DC):
+        # fp32 FMA dot (no TF32): register-blocked outer products over DC-deep chunks staged in
+        # shared memory; a plain loop over d spent most of its issue slots loading q̄.
+        qc = tl.load(qp + d0, mask=row_ok[:, None], other=0.0)
+        kc = tl.load(kpt + d0 * NB, mask=col_ok[None, :], other=0.0)
+        acc = tl.dot(qc, kc, acc, input_precision="ieee")
+    bits = acc.to(tl.uint32, bitcast=True)
+    # Negative floats: flip all bits (larger magnitude -> smaller key); others: set the sign bit.
+    key = bits ^ tl.where(bits >= 0x80000000, 0xFFFFFFFF, 0x80000000)
+    key = tl.where(rows[:, None] == cols[None, :], 0xFFFFFFFF, key)
+    # Key 0 is reserved for padding (only the all-ones NaN maps there; it is clamped to 1).
+    return tl.where(col_ok[None, :], tl.maximum(key, 1), 0), cols
+
+
+@triton.jit
+def _count_ge(key, t):
+    return tl.sum((key >= t[:, None]).to(tl.int32), axis=1)
+
+
+@triton.jit
+def _count_tied_below(key, cols, t, bound):
+    """Per row: keys equal to t in columns below bound."""
+    return tl.sum(((key == t[:, None]) & (cols[None, :] < bound[:, None])).to(tl.int32), axis=1)
+
+
+@triton.jit
+def _store_selected(IDX, out_row, key, cols, t, lim, row_ok, first):
+    """Write the ids with key > t, or key == t and id < lim, at slots first, first + 1, ...;
+    returns how many were written per row."""
+    sel = (key > t[:, None]) | ((key == t[:, None]) & (cols[None, :] < lim[:, None]))
+    sel_i = sel.to(tl.int32)
+    pos = first[:, None] + tl.cumsum(sel_i, axis=1) - 1
+    ids = cols[None, :] + tl.zeros_like(sel_i)
+    tl.store(IDX + out_row[:, None] + pos, ids, mask=sel & row_ok[:, None])
+    return tl.sum(sel_i, axis=1)
+
+
+@triton.jit
 def _topk_kernel(
     QP, KPT, IDX, CNT,
     NB, TOPK,
-    BQ: tl.constexpr, NBP: tl.constexpr, D: tl.constexpr,
+    BQ: tl.constexpr, S1: tl.constexpr, S2: tl.constexpr, CB: tl.constexpr,
+    D: tl.constexpr, DC: tl.constexpr,
 ):
+    # A row is two power-of-two column segments, S1 + S2 (see _topk_segments).
     tile = tl.program_id(0)
     bh = tl.program_id(1)
     rows = tile * BQ + tl.arange(0, BQ)
-    cols = tl.arange(0, NBP)
     row_ok = rows < NB
-    col_ok = cols < NB
-    acc = tl.zeros([BQ, NBP], dtype=tl.float32)
-    qp = QP + bh * NB * D + rows * D
-    kpt = KPT + bh * D * NB + cols
-    for d in range(D):
-        qv = tl.load(qp + d, mask=row_ok, other=0.0)
-        kv = tl.load(kpt + d * NB, mask=col_ok, other=0.0)
-        acc += qv[:, None] * kv[None, :]
-    # Sortable keys: int32 order == float order. Diagonal forced to the top.
-    bits = acc.to(tl.int32, bitcast=True)
-    key = tl.where(bits < 0, bits ^ 0x7FFFFFFF, bits)
-    key = tl.where(rows[:, None] == cols[None, :], INT32_MAX, key)
-    valid = col_ok[None, :] & row_ok[:, None]
-    key = tl.where(valid, key, INT32_MIN)
-    key64 = key.to(tl.int64)
-    lo = tl.full([BQ], INT32_MIN, tl.int64)
-    hi = tl.full([BQ], INT32_MAX, tl.int64)
-    # Largest T with count(key >= T) >= TOPK.
-    for _ in range(32):
-        mid = (lo + hi + 1) >> 1
-        cnt = tl.sum(((key64 >= mid[:, None]) & valid).to(tl.int32), axis=1)
-        enough = cnt >= TOPK
-        lo = tl.where(enough, mid, lo)
-        hi = tl.where(enough, hi, mid - 1)
-    gt = (key64 > lo[:, None]) & valid
-    eq = (key64 == lo[:, None]) & valid
-    need = TOPK - tl.sum(gt.to(tl.int32), axis=1)
-    eq_rank = tl.cumsum(eq.to(tl.int32), axis=1)
-    sel = gt | (eq & (eq_rank <= need[:, None]))
-    pos = tl.cumsum(sel.to(tl.int32), axis=1) - 1
-    out = IDX + (bh * NB + rows[:, None]) * TOPK + pos
-    tl.store(out, cols[None, :] + tl.zeros([BQ, NBP], tl.int32), mask=sel)
-    tl.store(CNT + bh * NB + rows, tl.zeros([BQ], tl.int32) + TOPK, mask=row_ok)
+    key1, cols1 = _score_keys(QP, KPT, bh, rows, row_ok, 0, NB, BQ, S1, D, DC)
+    key2, cols2 = _score_keys(QP, KPT, bh, rows, row_ok, S1, NB, BQ, S2, D, DC)
+
+    # Radix select: t = the largest value with count(key >= t) >= TOPK, built from the top bit
+    # down. A row is done once exactly TOPK keys are >= t (its top-k set is then fixed), so the
+    # loop usually stops well before 32 passes.
+    t = tl.zeros([BQ], dtype=tl.uint32)
+    cnt = tl.zeros([BQ], dtype=tl.int32) + (S1 + S2)
+    todo = tl.sum((row_ok & (cnt != TOPK)).to(tl.int32), axis=0)
+    bit = tl.zeros([], dtype=tl.int32) + 31
+    while (bit >= 0) & (todo > 0):
+        cand = t | (tl.full([], 1, tl.uint32) << bit.to(tl.uint32))
+        c = _count_ge(key1, cand) + _count_ge(key2, cand)
+        take = c >= TOPK
+        t = tl.where(take, cand, t)
+        cnt = tl.where(take, c, cnt)
+        todo = tl.sum((row_ok & (cnt != TOPK)).to(tl.int32), axis=0)
+        bit -= 1
+
+    # cnt = count(key >= t) > TOPK only when several keys equal t exactly: keep the lowest ids
+    # among them. lim = the largest id bound with count(key == t and id < lim) <= need, by the
+    # same bisection over the CB bits of a column id (2^CB > S1 + S2). Without ties every key
+    # equal to t is kept.
+    lim = tl.zeros([BQ], dtype=tl.int32) + ((1 << CB) - 1)
+    if tl.max(tl.where(row_ok, cnt, TOPK), axis=0) > TOPK:
+        tied = _count_tied_below(key1, cols1, t, lim) + _count_tied_below(key2, cols2, t, lim)
+        need = TOPK - (cnt - tied)
+        lim = tl.zeros([BQ], dtype=tl.int32)
+        for i in range(CB):
+            bound = lim | (1 << (CB - 1 - i))
+            n = _count_tied_below(key1, cols1, t, bound) + _count_tied_below(key2, cols2, t, bound)
+            lim = tl.where(n <= need, bound, lim)
+
+    out_row = (bh * NB + rows) * TOPK
+    n1 = _store_selected(IDX, out_row, key1, cols1, t, lim, row_ok, tl.zeros([BQ], dtype=tl.int32))
+    _store_selected(IDX, out_row, key2, cols2, t, lim, row_ok, n1)
+    tl.store(CNT + bh * NB + rows, tl.zeros([BQ], dtype=tl.int32) + TOPK, mask=row_ok)
 
 
 def mean_pool_blocks_triton(q: torch.Tensor, k: torch.Tensor, block_size: int):
@@ -115,6 +178,31 @@ def mean_pool_blocks_triton(q: torch.Tensor, k: torch.Tensor, block_size: int):
     return qp, kpt
 
 
+def _topk_segments(nb: int) -> tuple[int, int]:
+    """Two power-of-two column segments covering nb key blocks: the largest power of two below
+    nb, then the rest rounded up (1182 -> 1024 + 256, not 2048; 512 -> 256 + 256). The second is
+    at least 16 and a quarter of the first: narrower dots compile to poor code."""
+    s1 = 16 if nb <= 32 else 1 << ((nb - 1).bit_length() - 1)
+    return s1, max(16, s1 // 4, triton.next_power_of_2(max(nb - s1, 1)))
+
+
+def _topk_launch(s1: int, s2: int) -> tuple[int, int, int]:
+    """(BQ query blocks per program, num_warps, num_stages) for rows of s1 + s2 columns.
+
+    Every program reads all of k̄ᵀ (D x nb fp32) from L2, so BQ is as large as registers allow:
+    <= 32 scores a thread, <= 20 at 16 warps (128 registers a thread). The sm_90 builds of these
+    have no spills in the loops up to 1280 columns. 1.3B (256 + 256): BQ 8, 4 warps, 768
+    programs at H = 12; 14B (1024 + 256): BQ 8, 16 warps, 5920 programs at H = 40. A k̄ᵀ chunk
+    takes 64 * s1 bytes of shared memory a stage: pipelined up to s1 = 1024 only."""
+    width = s1 + s2
+    num_warps = min(16, max(4, triton.next_power_of_2(width) // 128))
+    per_thread = 20 if num_warps == 16 else 32
+    bq = 8
+    while bq > 1 and bq * width > per_thread * 32 * num_warps:
+        bq //= 2
+    return bq, num_warps, 3 if s1 <= 1024 else 1
+
+
 def select_topk_blocks_triton(
     q: torch.Tensor, k: torch.Tensor, block_size: int, topk: int
 ) -> BlockSelection:
@@ -123,7 +211,7 @@ def select_topk_blocks_triton(
     nb = num_blocks(n, block_size)
     k_eff = max(1, min(int(topk), nb))
     qp, kpt = mean_pool_blocks_triton(q, k, block_size)
-    if TOPK_IMPL == "torch":
+    if TOPK_IMPL == "torch" or nb > TOPK_TRITON_MAX_BLOCKS:
         # Block-level scores [nb, nb] (never token-level) through cuBLAS fp32, torch.topk, sort.
         scores = qp @ kpt
         scores.diagonal(dim1=-2, dim2=-1).fill_(float("inf"))
@@ -131,15 +219,22 @@ def select_topk_blocks_triton(
         idx = top.to(torch.int32)
         cnt = torch.full((b, h, nb), k_eff, device=q.device, dtype=torch.int32)
         return BlockSelection(idx, cnt, block_size, n)
-    nbp = triton.next_power_of_2(nb)
-    bq = max(1, min(16, 16384 // nbp))
+    if d % 16:
+        raise ValueError(
+            f"Expected a head dim that is a multiple of 16 for the Triton Top-K kernel, got {d}. "
+            "Try select_topk_blocks(..., backend='torch')."
+        )
+    s1, s2 = _topk_segments(nb)
+    bq, num_warps, num_stages = _topk_launch(s1, s2)
     idx = torch.empty(b, h, nb, k_eff, device=q.device, dtype=torch.int32)
     cnt = torch.empty(b, h, nb, device=q.device, dtype=torch.int32)
     if POISON_OUTPUTS:
         idx.fill_(-1)
         cnt.fill_(-1)
     _topk_kernel[(triton.cdiv(nb, bq), b * h)](
-        qp, kpt, idx, cnt, nb, k_eff, BQ=bq, NBP=nbp, D=d, num_warps=8 if nbp >= 1024 else 4,
+        qp, kpt, idx, cnt, nb, k_eff,
+        BQ=bq, S1=s1, S2=s2, CB=(s1 + s2).bit_length(), D=d, DC=16,
+        num_warps=num_warps, num_stages=num_stages,
     )
     return BlockSelection(idx, cnt, block_size, n)
 
