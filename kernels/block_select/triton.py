@@ -21,12 +21,11 @@ import triton.language as tl
 from ..selection import BlockSelection, num_blocks
 from .naive import window_radius_blocks
 
-# "triton" (default): the fused score + radix-select kernel below. Predicted on an H100 from the
-# sm_90 SASS (to be confirmed by bench): kernel ~0.04 ms at 1.3B (nb 512, k 51) and ~0.8-1.0 ms
-# at 14B (nb 1182, k 118: fp32 FMA scoring and ~25 radix passes, plus 3.6 GB of k̄ᵀ re-read from
-# L2), so with pooling (reads q and k once) ~0.15-0.2 ms and ~1.3-1.6 ms in all.
-# "torch": Triton pooling, then cuBLAS fp32 block scores + torch.topk + sort (0.79 ms 1.3B,
-# 3.56 ms 14B); the fallback, and the speed reference.
+# "triton" (default): the fused score + radix-select kernel below. H100, pooling included:
+# 1.3B (nb 512, k 51) 0.20-0.23 ms vs 0.48 ms for the torch path timed in the same run; 14B
+# (nb 1182, k 118) 2.08 ms with _topk_launch's settings vs 3.45 ms for the torch path (another
+# run); identical ids at both shapes (select-topk-h100-s4-sweep.json, KERNEL_NOTES).
+# "torch": Triton pooling, then cuBLAS fp32 block scores + torch.topk + sort; the fallback.
 TOPK_IMPL = "triton"
 
 # Longer rows take the "torch" path: a [16, 4096] fp32 k̄ᵀ chunk fills shared memory.
@@ -189,18 +188,15 @@ def _topk_segments(nb: int) -> tuple[int, int]:
 def _topk_launch(s1: int, s2: int) -> tuple[int, int, int]:
     """(BQ query blocks per program, num_warps, num_stages) for rows of s1 + s2 columns.
 
-    Every program reads all of k̄ᵀ (D x nb fp32) from L2, so BQ is as large as registers allow:
-    <= 32 scores a thread, <= 20 at 16 warps (128 registers a thread). The sm_90 builds of these
-    have no spills in the loops up to 1280 columns. 1.3B (256 + 256): BQ 8, 4 warps, 768
-    programs at H = 12; 14B (1024 + 256): BQ 8, 16 warps, 5920 programs at H = 40. A k̄ᵀ chunk
-    takes 64 * s1 bytes of shared memory a stage: pipelined up to s1 = 1024 only."""
+    Every program reads all of k̄ᵀ (D x nb fp32) from L2, so BQ is as large as pays. Swept on an
+    H100 (bench/results/select-topk-h100-s4-sweep.json, kernel time without pooling): 1.3B
+    (256 + 256 columns) BQ 8, 4 warps, 3 stages 0.067 ms (next best 0.084); 14B (1024 + 256)
+    BQ 16, 8 warps, 3 stages 1.38 ms, BQ 8 / 16 warps 1.96 ms, BQ 2 / 4 warps 2.58 ms. A k̄ᵀ
+    chunk takes 64 * s1 bytes of shared memory a stage: pipelined up to s1 = 1024 only."""
     width = s1 + s2
-    num_warps = min(16, max(4, triton.next_power_of_2(width) // 128))
-    per_thread = 20 if num_warps == 16 else 32
-    bq = 8
-    while bq > 1 and bq * width > per_thread * 32 * num_warps:
-        bq //= 2
-    return bq, num_warps, 3 if s1 <= 1024 else 1
+    if width <= 512:
+        return 8, 4, 3
+    return (16 if width <= 1280 else 8), 8, (3 if s1 <= 1024 else 1)
 
 
 def select_topk_blocks_triton(
