@@ -59,6 +59,22 @@ def cast_out(x, dtype: tl.constexpr, EMULATE_RNE: tl.constexpr):
     return x.to(dtype)
 
 @triton.jit
+def _block_rows(order_h, blk, N, BS: tl.constexpr, HAS_ORDER: tl.constexpr, MASKED: tl.constexpr):
+    """Rows of block ``blk`` in the head's working order (through ``order_h`` when given) and
+    which of them are real tokens (< N). MASKED: the block may run past N."""
+    pos = blk * BS + tl.arange(0, BS)
+    ok = pos < N
+    if HAS_ORDER:
+        if MASKED:
+            rows = tl.load(order_h + pos, mask=ok, other=0)
+        else:
+            rows = tl.load(order_h + pos)
+    else:
+        rows = pos
+    return rows, ok
+
+
+@triton.jit
 def _attend_key_block(
     acc, m_i, l_i, q, k_base, v_base, KD, VD, order_h, b, h, kb, N, skn, svn, qk_scale,
     BS: tl.constexpr, D: tl.constexpr, DV: tl.constexpr, HAS_ORDER: tl.constexpr,
@@ -66,18 +82,9 @@ def _attend_key_block(
 ):
     """One key block of the online softmax (exp2, log2(e) folded into qk_scale). MASKED: the
     block may run past N (the sequence's partial last block)."""
-    offs = tl.arange(0, BS)
     offs_d = tl.arange(0, D)
     offs_dv = tl.arange(0, DV)
-    pos_n = kb * BS + offs
-    n_ok = pos_n < N
-    if HAS_ORDER:
-        if MASKED:
-            rows_n = tl.load(order_h + pos_n, mask=n_ok, other=0)
-        else:
-            rows_n = tl.load(order_h + pos_n)
-    else:
-        rows_n = pos_n
+    rows_n, n_ok = _block_rows(order_h, kb, N, BS, HAS_ORDER, MASKED)
     if USE_TMA:  # rows past N come back as zeros
         k = tl.reshape(KD.load([b, h, kb * BS, 0]), [BS, D]).T
     elif MASKED:
@@ -127,15 +134,9 @@ def _bsa_fwd_kernel(
     bh = tl.program_id(1)
     b = bh // H
     h = bh % H
-    offs = tl.arange(0, BS)
     offs_d = tl.arange(0, D)
     offs_dv = tl.arange(0, DV)
-    pos_m = pid_m * BS + offs
-    m_ok = pos_m < N
-    if HAS_ORDER:
-        rows_m = tl.load(ORDER + h * s_oh + pos_m, mask=m_ok, other=0)
-    else:
-        rows_m = pos_m
+    rows_m, m_ok = _block_rows(ORDER + h * s_oh, pid_m, N, BS, HAS_ORDER, True)
     q = tl.load(Q + b * sqb + h * sqh + rows_m[:, None] * sqn + offs_d[None, :], mask=m_ok[:, None], other=0.0)
     if DOT_F32:  # the CPU interpreter multiplies bf16 as raw uint16: upcast there only
         q = q.to(tl.float32)
