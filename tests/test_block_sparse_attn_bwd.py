@@ -18,9 +18,8 @@ import kernels
 from kernels.block_select.naive import sliding_window_blocks_naive, spatial_temporal_token_order
 from kernels.block_sparse_attn.naive import block_sparse_attention_torch, from_working_order, to_working_order
 from kernels.selection import num_blocks, selection_from_block_mask
-from test_kernels_triton import HAS_TRITON, cpu_only, gpu_only, rel, wan_qkv
+from test_kernels_triton import DTYPE_NAMES, HAS_TRITON, cpu_only, gpu_only, rel, wan_qkv
 
-DTYPE_NAMES = {torch.float32: "fp32", torch.float16: "fp16", torch.bfloat16: "bf16"}
 FLOOR = 1e-6  # relative; fp32 recomputes P as exp2(s - lse), about 1e-6 from a softmax
 
 

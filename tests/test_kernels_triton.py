@@ -33,6 +33,8 @@ try:
 except ImportError:  # pragma: no cover
     HAS_TRITON = False
 
+DTYPE_NAMES = {torch.float32: "fp32", torch.float16: "fp16", torch.bfloat16: "bf16"}  # test ids
+
 cpu_only = pytest.mark.skipif(
     not (HAS_TRITON and INTERPRET), reason="CPU kernel tests need Triton with TRITON_INTERPRET=1"
 )

@@ -23,9 +23,8 @@ from kernels.linear_attn.naive import (
     linear_attention_naive,
     linear_attention_torch,
 )
-from test_kernels_triton import HAS_TRITON, cpu_only, gpu_only, rel
+from test_kernels_triton import DTYPE_NAMES, HAS_TRITON, cpu_only, gpu_only, rel
 
-DTYPE_NAMES = {torch.float32: "fp32", torch.float16: "fp16", torch.bfloat16: "bf16"}
 FLOOR = 1e-6  # relative
 EPS = 1e-6
 SHIFT = 0.5  # subtracted from q and k

@@ -6,7 +6,7 @@ the natural-log LSE. bf16/fp16 in, fp32 accumulate.
 
 Per-head token orders (ST-SWA temporal heads) are handled by a fused gather: the kernel reads
 q/k/v rows through ``token_order`` and scatters output rows back, so no permuted copy of the
-tensors is made (``ORDER_MODE``: "gather", "permute" = explicit copies, "auto" = by size).
+tensors is made (``ORDER_MODE = "permute"`` makes explicit copies instead; benchmarks only).
 
 ``salad_attention_triton`` is the whole SALAD combine for inference: this kernel (with the gated
 Proj bias in its epilogue), the linear branch in row chunks, and Proj accumulated in place.

@@ -59,28 +59,6 @@ def _state_kernel(
 
 
 @triton.jit
-def linear_apply_tile(q, SHI, SLO, Z, EPS, SCALE, bh, b, offs_d, offs_dv,
-                      D: tl.constexpr, DV: tl.constexpr, HAS_SCALE: tl.constexpr, DOT_F32: tl.constexpr):
-    """The linear branch for a tile of query rows (paper eq. 3), fp32:
-    relu(q) S / (relu(q) z + eps) [* scale[b]], with S = hi + lo from linear_attn.triton's
-    linear_prepare."""
-    fq = tl.maximum(q, 0.0).to(q.dtype)  # relu is exact in q's dtype
-    s_off = bh * D * DV + offs_d[:, None] * DV + offs_dv[None, :]
-    hi = tl.load(SHI + s_off)
-    lo = tl.load(SLO + s_off)
-    if DOT_F32:  # the CPU interpreter multiplies bf16 as raw uint16: upcast there only
-        num = tl.dot(fq.to(tl.float32), hi.to(tl.float32)) + tl.dot(fq.to(tl.float32), lo.to(tl.float32))
-    else:
-        num = tl.dot(fq, hi) + tl.dot(fq, lo)
-    z = tl.load(Z + bh * D + offs_d)
-    den = tl.sum(fq.to(tl.float32) * z[None, :], 1) + tl.load(EPS + bh)
-    out = num / den[:, None]
-    if HAS_SCALE:
-        out = out * tl.load(SCALE + b).to(tl.float32)
-    return out
-
-
-@triton.jit
 def _apply_kernel(
     Q, SHI, SLO, Z, EPS, O, SCALE,
     sqb, sqh, sqn, sob, soh, son,
@@ -97,7 +75,20 @@ def _apply_kernel(
     offs_d = tl.arange(0, D)
     offs_dv = tl.arange(0, DV)
     q = tl.load(Q + b * sqb + h * sqh + rows[:, None] * sqn + offs_d[None, :], mask=ok[:, None], other=0.0)
-    out = linear_apply_tile(q, SHI, SLO, Z, EPS, SCALE, bh, b, offs_d, offs_dv, D, DV, HAS_SCALE, DOT_F32)
+    # relu(q) S / (relu(q) z + eps) [* scale[b]] (paper eq. 3), S = hi + lo (linear_prepare)
+    fq = tl.maximum(q, 0.0).to(q.dtype)  # relu is exact in q's dtype
+    s_off = bh * D * DV + offs_d[:, None] * DV + offs_dv[None, :]
+    hi = tl.load(SHI + s_off)
+    lo = tl.load(SLO + s_off)
+    if DOT_F32:  # the CPU interpreter multiplies bf16 as raw uint16: upcast there only
+        num = tl.dot(fq.to(tl.float32), hi.to(tl.float32)) + tl.dot(fq.to(tl.float32), lo.to(tl.float32))
+    else:
+        num = tl.dot(fq, hi) + tl.dot(fq, lo)
+    z = tl.load(Z + bh * D + offs_d)
+    den = tl.sum(fq.to(tl.float32) * z[None, :], 1) + tl.load(EPS + bh)
+    out = num / den[:, None]
+    if HAS_SCALE:
+        out = out * tl.load(SCALE + b).to(tl.float32)
     tl.store(O + b * sob + h * soh + rows[:, None] * son + offs_dv[None, :],
              cast_out(out, O.dtype.element_ty, DOT_F32), mask=ok[:, None])
 
