@@ -7,14 +7,17 @@ Per shape, in one run: dense_cudnn; for mode in (topk, stswa) and sparsity in (9
 flex_<mode>_<s> (FlexAttention, same block mask, mask prebuilt), salad_sparse_<mode>_<s>
 (Triton sparse branch alone; topk includes no selection), salad_full_<mode>_<s> (selection for
 topk — stswa's is static and cached — + gate + the salad::salad_attention op: sparse branch with
-the gated Proj bias in its epilogue, linear branch in row chunks projected into O in place),
+the gated Proj bias in its epilogue, linear branch with Proj folded into its state, in row chunks
+multiplied into O in place; for topk, linear_state_pooled makes the state and the selection's
+pooled blocks in one pass, as the pack's hot path does),
 salad_full_<mode>_<s>_unfused (separate sparse, linear and Proj ops), and
 salad_sparse_stswa_<s>_permute (explicit permutation copies instead of the fused gather).
 Linear branch alone: linear_only (forward), linear_bwd (forward + the op's analytic backward) and
 linear_bwd_recompute (forward + the backward it replaced: autograd through the fp32 torch
 reference recomputed from q, k, v).
-Times are medians of >= ``--reps`` CUDA-event-timed calls after warm-up. Prints one JSON line
-per measurement and writes bench/results/attention-<device>.json and .md.
+Times are medians of >= ``--reps`` calls queued back to back, each between CUDA events, after
+warm-up (time_ms). Prints one JSON line per measurement and writes
+bench/results/attention-<device>.json and .md.
 """
 
 from __future__ import annotations
@@ -58,18 +61,22 @@ def git_sha() -> str:
 
 
 def time_ms(fn, reps: int, warmup: int = 5) -> float:
+    """Median GPU time of one call. The calls are queued back to back with an event pair around
+    each and one synchronisation at the end, as in a model's forward: a per-call sync would add
+    the host's launch time of the op's first kernels (~0.3 ms for the full SALAD op's small
+    launches) to every sample, which a running model hides behind the previous layer."""
     for _ in range(warmup):
         fn()
     torch.cuda.synchronize()
-    times = []
+    events = []
     for _ in range(reps):
         start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
         start.record()
         fn()
         end.record()
-        end.synchronize()
-        times.append(start.elapsed_time(end))
-    return statistics.median(times)
+        events.append((start, end))
+    torch.cuda.synchronize()
+    return statistics.median(start.elapsed_time(end) for start, end in events)
 
 
 def peak_extra_bytes(fn) -> int:
@@ -209,9 +216,13 @@ def run_shape(name, args, ctx):
                     bsa_triton.ORDER_MODE = "gather"
 
                 def full(mode=mode, sel=sel, topk=topk):
-                    s = kernels.select_topk_blocks(q, k, BLOCK, topk, backend="triton") if mode == "topk" else sel
+                    s, state = sel, None
+                    if mode == "topk":  # as SaladSelfAttention: one pass for the state and the pooling
+                        *state, qp, kpt = kernels.linear_state_pooled(q, k, v, BLOCK, backend="triton")
+                        s = kernels.select_topk_pooled(qp, kpt, BLOCK, topk, n, backend="triton")
                     gate = torch.sigmoid(F.linear(x, w_gate, b_gate).float()).mean(dim=(1, 2)) * lam_s  # [B]
-                    out = kernels.salad_attention(q, k, v, s, w_proj, b_proj, linear_scale=gate, backend="triton")
+                    out = kernels.salad_attention(q, k, v, s, w_proj, b_proj, linear_scale=gate, backend="triton",
+                                                  linear_state=state)
                     return out.transpose(1, 2).reshape(b, n, c)  # free: out keeps Wan's layout
 
                 def full_unfused(mode=mode, sel=sel, topk=topk):
@@ -289,7 +300,7 @@ def write_outputs(args, device_tag):
     lines = [
         f"# attention benchmark — {RECORDS[0]['device']} — commit {RECORDS[0]['commit'][:10]} — {RECORDS[0]['date']}",
         "",
-        "Median of >= 50 CUDA-event-timed calls; bf16; B=1, D=128, block 64. speedup = dense_cudnn ms / case ms (same run).",
+        "Median of >= 50 calls queued back to back, each between CUDA events; bf16; B=1, D=128, block 64. speedup = dense_cudnn ms / case ms (same run).",
         "",
         "| shape | case | ms | speedup | sparsity % | vs flex |",
         "| --- | --- | ---: | ---: | ---: | ---: |",

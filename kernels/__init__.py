@@ -4,8 +4,10 @@ GPU at import time."""
 from .ops import (
     block_sparse_attention,
     linear_attention,
+    linear_state_pooled,
     salad_attention,
     select_topk_blocks,
+    select_topk_pooled,
     sliding_window_blocks,
 )
 from .selection import BlockSelection, num_blocks
@@ -15,8 +17,10 @@ __all__ = [
     "BlockSelection",
     "block_sparse_attention",
     "linear_attention",
+    "linear_state_pooled",
     "num_blocks",
     "salad_attention",
     "select_topk_blocks",
+    "select_topk_pooled",
     "sliding_window_blocks",
 ]

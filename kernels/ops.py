@@ -44,6 +44,41 @@ def select_topk_blocks(
     return BlockSelection(indices, counts, block_size, q.shape[2])
 
 
+@torch.library.custom_op("salad::select_topk_pooled", mutates_args=())
+def _select_topk_pooled_op(
+    q_pool: torch.Tensor, k_pool_t: torch.Tensor, block_size: int, topk: int, seq_len: int, backend: str
+) -> tuple[torch.Tensor, torch.Tensor]:
+    impl = implementation("select_topk_pooled", backend, q_pool.device)
+    selection = impl(q_pool, k_pool_t, block_size, topk, seq_len)
+    return selection.kv_indices.contiguous(), selection.kv_counts.contiguous()
+
+
+@_select_topk_pooled_op.register_fake
+def _(q_pool, k_pool_t, block_size, topk, seq_len, backend):
+    b, h, nb, _ = q_pool.shape
+    k_eff = max(1, min(topk, nb))
+    return (
+        q_pool.new_empty((b, h, nb, k_eff), dtype=torch.int32),
+        q_pool.new_empty((b, h, nb), dtype=torch.int32),
+    )
+
+
+def select_topk_pooled(
+    q_pool: torch.Tensor, k_pool_t: torch.Tensor, block_size: int, topk: int, seq_len: int, backend: str = "auto"
+) -> BlockSelection:
+    """``select_topk_blocks`` from mean-pooled blocks (q_pool fp32 [B, H, nb, D], k_pool_t fp32
+    [B, H, D, nb]), e.g. those ``linear_state_pooled`` makes in the linear branch's pass."""
+    nb = num_blocks(seq_len, block_size)
+    if q_pool.shape[2] != nb or k_pool_t.shape[-1] != nb or q_pool.shape[-1] != k_pool_t.shape[-2]:
+        raise ValueError(
+            f"Expected pooled q [B, H, {nb}, D] and pooled k [B, H, D, {nb}] for {seq_len} tokens in "
+            f"blocks of {block_size}, got {tuple(q_pool.shape)} and {tuple(k_pool_t.shape)}. "
+            "Try pooling with the same block_size (linear_state_pooled)."
+        )
+    indices, counts = _select_topk_pooled_op(q_pool, k_pool_t, block_size, topk, seq_len, backend)
+    return BlockSelection(indices, counts, block_size, seq_len)
+
+
 def sliding_window_blocks(
     batch: int,
     grid: tuple[int, int, int],
@@ -130,6 +165,35 @@ def linear_attention(
     return _linear_attention_op(q, k, v, eps, backend)
 
 
+@torch.library.custom_op("salad::linear_state_pooled", mutates_args=())
+def _linear_state_pooled_op(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, block_size: int, backend: str
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    impl = implementation("linear_state_pooled", backend, q.device)
+    return tuple(t.contiguous() for t in impl(q, k, v, block_size))
+
+
+@_linear_state_pooled_op.register_fake
+def _(q, k, v, block_size, backend):
+    b, h, n, d = k.shape
+    nb = num_blocks(n, block_size)
+    f32 = dict(dtype=torch.float32)
+    return (
+        k.new_empty((b, h, d, v.shape[-1]), **f32), k.new_empty((b, h, d), **f32),
+        k.new_empty((b, h, nb, d), **f32), k.new_empty((b, h, d, nb), **f32),
+    )
+
+
+def linear_state_pooled(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, block_size: int, backend: str = "auto"
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """One pass over q, k, v for the linear branch's state and the Top-K selection's pooling:
+    (S = sum_j relu(k_j)^T v_j fp32 [B, H, D, Dv], z = sum_j relu(k_j) fp32 [B, H, D],
+    mean-pooled q fp32 [B, H, nb, D], mean-pooled k transposed fp32 [B, H, D, nb]).
+    Feed the pooled blocks to ``select_topk_pooled`` and (S, z) to ``salad_attention``."""
+    return _linear_state_pooled_op(q, k, v, int(block_size), backend)
+
+
 @torch.library.custom_op("salad::salad_attention", mutates_args=())
 def _salad_attention_op(
     q: torch.Tensor,
@@ -145,14 +209,18 @@ def _salad_attention_op(
     scale: float,
     eps: float,
     backend: str,
+    state: torch.Tensor | None = None,
+    z: torch.Tensor | None = None,
 ) -> torch.Tensor:
     selection = BlockSelection(kv_indices, kv_counts, block_size, q.shape[2], token_order)
     impl = implementation("salad_attention", backend, q.device)
-    return into_layout(impl(q, k, v, selection, proj_weight, proj_bias, linear_scale, scale, eps), q)
+    linear_state = None if state is None else (state, z)
+    return into_layout(impl(q, k, v, selection, proj_weight, proj_bias, linear_scale, scale, eps, linear_state), q)
 
 
 @_salad_attention_op.register_fake
-def _(q, k, v, kv_indices, kv_counts, token_order, block_size, proj_weight, proj_bias, linear_scale, scale, eps, backend):
+def _(q, k, v, kv_indices, kv_counts, token_order, block_size, proj_weight, proj_bias, linear_scale, scale, eps, backend,
+      state=None, z=None):
     return out_like(q, v.shape[-1])
 
 
@@ -167,6 +235,7 @@ def salad_attention(
     scale: float | None = None,
     eps: float = DEFAULT_EPS,
     backend: str = "auto",
+    linear_state: tuple[torch.Tensor, torch.Tensor] | None = None,
 ) -> torch.Tensor:
     """The SALAD attention output before the stock output projection (Alg. 1):
     O_s + c * (O_l W_p^T + b_p), with O_s the block-sparse branch, O_l the linear branch and
@@ -174,7 +243,9 @@ def salad_attention(
 
     proj_weight: [H * Dv, H * Dv] (Proj), proj_bias: optional [H * Dv]. Returns [B, H, N, Dv] in
     q's layout, so for Wan's [B, N, H, D] views ``out.transpose(1, 2).reshape(B, N, C)`` is free.
-    Inference only (no backward). The Triton path keeps one full-size buffer (the output)."""
+    ``linear_state``: the linear branch's (S, z) when already made (``linear_state_pooled``);
+    None makes them from k and v. Inference only (no backward). The Triton path keeps one
+    full-size buffer (the output)."""
     b, h = q.shape[:2]
     c = h * v.shape[-1]
     if proj_weight.shape != (c, c) or (proj_bias is not None and proj_bias.shape != (c,)):
@@ -190,8 +261,17 @@ def salad_attention(
                 f"{tuple(linear_scale.shape)}. Try linear_scale.reshape({b})."
             )
         linear_scale = linear_scale.to(torch.float32).contiguous()
+    state = z = None
+    if linear_state is not None:
+        state, z = linear_state
+        want = (b, h, k.shape[-1], v.shape[-1])
+        if state.shape != want or z.shape != want[:3]:
+            raise ValueError(
+                f"Expected linear state S {want} and z {want[:3]}, got {tuple(state.shape)} and "
+                f"{tuple(z.shape)}. Try linear_state_pooled(q, k, v, ...) on these q, k, v."
+            )
     scale = q.shape[-1] ** -0.5 if scale is None else float(scale)
     return _salad_attention_op(
         q, k, v, selection.kv_indices, selection.kv_counts, selection.token_order,
-        selection.block_size, proj_weight, proj_bias, linear_scale, scale, float(eps), backend,
+        selection.block_size, proj_weight, proj_bias, linear_scale, scale, float(eps), backend, state, z,
     )

@@ -26,6 +26,14 @@ IMPLEMENTATIONS: dict[str, dict[str, str]] = {
         "triton": "block_select.triton:select_topk_blocks_triton",
         "torch": "block_select.naive:select_topk_blocks_naive",
     },
+    "select_topk_pooled": {
+        "triton": "block_select.triton:select_topk_pooled_triton",
+        "torch": "block_select.naive:select_topk_pooled_naive",
+    },
+    "linear_state_pooled": {
+        "triton": "linear_attn.triton:linear_state_pooled_triton",
+        "torch": "linear_attn.naive:linear_state_pooled_torch",
+    },
     "sliding_window_blocks": {
         "triton": "block_select.triton:sliding_window_blocks_triton",
         "torch": "block_select.naive:sliding_window_blocks_naive",

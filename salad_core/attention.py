@@ -145,11 +145,20 @@ class SaladSelfAttention(nn.Module):
         fused = call.fused and not torch.is_grad_enabled()  # salad::salad_attention has no backward
         cfg = self.runtime.config
         with self.runtime.timed():
-            selection = self.runtime.selection(self.layer, q, k, call)
             branch = self.salad if self.runtime.linear_active(self.layer) else None
-            if fused and (branch is None or _plain_weight(branch.proj, x) is not None):
+            fused = fused and (branch is None or _plain_weight(branch.proj, x) is not None)
+            if fused and branch is not None and cfg.sparse_mode == "topk":
+                # One pass over q, k, v makes the linear state and the Top-K pooling.
+                state, z, q_pool, k_pool_t = kernels.linear_state_pooled(q, k, v, cfg.block_size, cfg.backend)
+                selection = self.runtime.selection_from_pooled(q_pool, k_pool_t, q.shape[2])
+                out, gate = salad_attention_fused(
+                    q, k, v, x, selection, branch, cfg.linear_scale, cfg.backend, cfg.eps, (state, z)
+                )
+            elif fused:
+                selection = self.runtime.selection(self.layer, q, k, call)
                 out, gate = salad_attention_fused(q, k, v, x, selection, branch, cfg.linear_scale, cfg.backend, cfg.eps)
             else:
+                selection = self.runtime.selection(self.layer, q, k, call)
                 out, gate = salad_attention(
                     q, k, v, x, selection, branch,
                     linear_scale=cfg.linear_scale, backend=cfg.backend, eps=cfg.eps,
@@ -195,11 +204,13 @@ def salad_attention_fused(
     linear_scale: float = 1.0,
     backend: str = "auto",
     eps: float = 1e-6,
+    linear_state: tuple[torch.Tensor, torch.Tensor] | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
     """Same result as ``salad_attention`` with fewer passes (the GPU hot path): the
     ``salad::salad_attention`` op does the sparse branch (with Proj's bias, scaled by
-    lambda * s_l * g, in its epilogue), then the linear branch in row chunks, each projected
-    straight into the sparse output."""
+    lambda * s_l * g, in its epilogue), then the linear branch (Proj folded into its state) in
+    row chunks, each multiplied straight into the sparse output. ``linear_state``: (S, z) from
+    ``kernels.linear_state_pooled`` when the caller made them with the Top-K pooling."""
     if branch is None:
         sparse, _ = kernels.block_sparse_attention(q, k, v, selection, backend=backend)
         return merge_heads(sparse), None
@@ -209,6 +220,6 @@ def salad_attention_fused(
     out = kernels.salad_attention(
         q, k, v, selection, _plain_weight(branch.proj, q),
         proj_bias=None if bias is None else bias.to(device=q.device, dtype=torch.float32),
-        linear_scale=coeff, eps=eps, backend=backend,
+        linear_scale=coeff, eps=eps, backend=backend, linear_state=linear_state,
     )
     return merge_heads(out), gate  # a view: the op writes [B, N, H, D]

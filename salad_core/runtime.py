@@ -91,6 +91,12 @@ class SaladRuntime:
             )
         return self._stswa_selection(layer, grid, b, q.device)
 
+    def selection_from_pooled(self, q_pool: torch.Tensor, k_pool_t: torch.Tensor, seq_len: int) -> kernels.BlockSelection:
+        """Top-K selection from blocks already mean-pooled (``kernels.linear_state_pooled``)."""
+        cfg = self.config
+        topk = cfg.topk_for(kernels.num_blocks(seq_len, cfg.block_size))
+        return kernels.select_topk_pooled(q_pool, k_pool_t, cfg.block_size, topk, seq_len, backend=cfg.backend)
+
     def _stswa_selection(self, layer: int, grid, batch: int, device) -> kernels.BlockSelection:
         cfg = self.config
         windows = self.head_windows(layer, kernels.num_blocks(grid[0] * grid[1] * grid[2], cfg.block_size))

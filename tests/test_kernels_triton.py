@@ -208,6 +208,87 @@ def test_salad_attention_op_cpu(chunk_rows, order_mode, monkeypatch):
     check_salad(qc, kc, vc, sel, seed=3)
 
 
+@cpu_only
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=["bf16", "fp16"])
+def test_linear_features_and_folded_projection_cpu(dtype):
+    """The fused op's linear branch: features relu(q) / den * c from the kernel (a row range of
+    a Wan-layout q, partial last tile) times the Proj-folded state == c * O_l W^T in fp64."""
+    from kernels.linear_attn.triton import linear_features_triton, linear_fold_projection, linear_state_triton
+
+    b, h, n, d = 2, 3, 150, 64
+    q, k, v = wan_qkv(b, h, n, d, dtype, "cpu", seed=21)
+    g = torch.Generator().manual_seed(5)
+    w = (torch.randn(h * d, h * d, generator=g) * (h * d) ** -0.5).to(dtype)
+    coeff = torch.rand(b, generator=g) + 0.25
+    state, z = linear_state_triton(k, v)
+    folded, zn, epsn = linear_fold_projection(state, z, 1e-6, w, dtype)
+    rows = slice(37, n)
+    feats = linear_features_triton(q[:, :, rows], zn, epsn, coeff)
+    assert feats.shape == (b, n - 37, h * d) and feats.dtype == dtype and not feats.isnan().any()
+
+    fq = q[:, :, rows].double().clamp_min(0)
+    den = fq @ zn.double().unsqueeze(-1) + epsn.double()[..., None, None]
+    want = (fq / den * coeff.double().view(b, 1, 1, 1)).transpose(1, 2).reshape(b, n - 37, h * d)
+    same_precision = want.to(dtype)  # what a torch computation in q's dtype would store
+    assert rel(feats, want) <= 2 * rel(same_precision, want) + 1e-6, (rel(feats, want), rel(same_precision, want))
+
+    o_l = linear_attention_naive(q.double(), k.double(), v.double())[:, :, rows]
+    ref = o_l.transpose(1, 2).reshape(b, n - 37, h * d) @ w.double().t() * coeff.double().view(b, 1, 1)
+    got = torch.stack([feats[i].float() @ folded[i].float() for i in range(b)])
+    unfolded = torch.stack([o_l.to(dtype).transpose(1, 2).reshape(b, n - 37, h * d)[i].float() @ w.float().t() for i in range(b)])
+    base = unfolded * coeff.view(b, 1, 1)  # the unfolded path: O_l rounded to dtype, then Proj
+    assert rel(got, ref) <= 2 * rel(base, ref) + 1e-6, (rel(got, ref), rel(base, ref))
+
+
+@cpu_only
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=["bf16", "fp16"])
+@pytest.mark.parametrize("n,bs", [(150, 16), (200, 32), (131, 64)], ids=["N150bs16", "N200bs32", "N131bs64"])
+def test_linear_state_pooled_cpu(n, bs, dtype, monkeypatch):
+    """One pass for the linear state and the Top-K pooling (N not a multiple of the block, more
+    than one row split): S, z vs fp64 within 2x the torch backend's error; pooled blocks equal
+    the pooling kernel's; the selection made from them equals select_topk_blocks'."""
+    from kernels.block_select.naive import mean_pool_blocks
+    from kernels.linear_attn import triton as lin_t
+    from kernels.linear_attn.naive import linear_attention_state
+
+    monkeypatch.setattr(lin_t, "STATE_ROWS", 2 * bs)  # several splits even at these N
+    b, h, d = 2, 3, 64
+    q, k, v = wan_qkv(b, h, n, d, dtype, "cpu", seed=n + bs)
+    state, z, qp, kpt = kernels.linear_state_pooled(q, k, v, bs, backend="triton")
+    want_s, want_z = (t.double() for t in linear_attention_state(k.double(), v.double()))
+    base_s, base_z = linear_attention_state(k, v)
+    assert rel(state, want_s) <= 2 * rel(base_s, want_s) + 1e-6, (rel(state, want_s), rel(base_s, want_s))
+    assert rel(z, want_z) <= 2 * rel(base_z, want_z) + 1e-6, (rel(z, want_z), rel(base_z, want_z))
+    torch.testing.assert_close(qp, mean_pool_blocks(q, bs), rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(kpt, mean_pool_blocks(k, bs).transpose(-1, -2), rtol=1e-5, atol=1e-6)
+    sel = kernels.select_topk_pooled(qp, kpt, bs, 3, n, backend="triton")
+    ref = kernels.select_topk_blocks(q, k, bs, 3, backend="torch")
+    assert torch.equal(sel.kv_indices, ref.kv_indices) and torch.equal(sel.kv_counts, ref.kv_counts)
+
+
+def test_select_topk_pooled_rejects_mismatched_blocks():
+    q, k, _ = wan_qkv(1, 2, 40, 16, torch.float32, "cpu", seed=0)
+    qp = torch.zeros(1, 2, 3, 16)
+    with pytest.raises(ValueError, match=r"Expected pooled q \[B, H, 2, D\]"):
+        kernels.select_topk_pooled(qp, torch.zeros(1, 2, 16, 3), 32, 1, 40, backend="torch")
+
+
+@cpu_only
+def test_salad_attention_takes_a_precomputed_state():
+    """salad_attention with (S, z) handed in == the same op making them itself, both backends;
+    a state of the wrong shape is refused."""
+    q, k, v = wan_qkv(2, 2, 120, 64, torch.bfloat16, "cpu", seed=4)
+    sel = kernels.select_topk_blocks(q, k, 16, 3, backend="torch")
+    w = (torch.randn(128, 128, generator=torch.Generator().manual_seed(1)) * 0.1).to(torch.bfloat16)
+    for backend in ("torch", "triton"):
+        state, z, _, _ = kernels.linear_state_pooled(q, k, v, 16, backend=backend)
+        got = kernels.salad_attention(q, k, v, sel, w, backend=backend, linear_state=(state, z))
+        want = kernels.salad_attention(q, k, v, sel, w, backend=backend)
+        assert torch.equal(got, want), backend
+    with pytest.raises(ValueError, match=r"Expected linear state S \(2, 2, 64, 64\)"):
+        kernels.salad_attention(q, k, v, sel, w, backend="torch", linear_state=(state[:1], z))
+
+
 def test_salad_attention_op_rejects_bad_proj():
     q, k, v = wan_qkv(1, 2, 40, 16, torch.float32, "cpu", seed=0)
     sel = kernels.select_topk_blocks(q, k, 16, 1, backend="torch")

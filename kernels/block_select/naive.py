@@ -27,15 +27,25 @@ def select_topk_blocks_naive(
 ) -> BlockSelection:
     """Paper A.1.2: score mean-pooled q blocks against mean-pooled k blocks, keep the top-k key
     blocks per query block; the diagonal block is always kept (it counts towards k)."""
-    n = q.shape[2]
-    nb = num_blocks(n, block_size)
+    return select_topk_pooled_naive(
+        mean_pool_blocks(q, block_size), mean_pool_blocks(k, block_size).transpose(-1, -2),
+        block_size, topk, q.shape[2],
+    )
+
+
+def select_topk_pooled_naive(
+    q_pool: torch.Tensor, k_pool_t: torch.Tensor, block_size: int, topk: int, seq_len: int
+) -> BlockSelection:
+    """``select_topk_blocks_naive`` from already pooled blocks: q_pool fp32 [B, H, nb, D],
+    k_pool_t fp32 [B, H, D, nb] (the pooled k transposed)."""
+    nb = q_pool.shape[2]
     k_eff = max(1, min(int(topk), nb))
-    scores = mean_pool_blocks(q, block_size) @ mean_pool_blocks(k, block_size).transpose(-1, -2)
-    diag = torch.eye(nb, dtype=torch.bool, device=q.device)
+    scores = q_pool @ k_pool_t
+    diag = torch.eye(nb, dtype=torch.bool, device=q_pool.device)
     scores = scores.masked_fill(diag, float("inf"))
     top = scores.topk(k_eff, dim=-1).indices
     mask = torch.zeros_like(scores, dtype=torch.bool).scatter_(-1, top, True)
-    return selection_from_block_mask(mask, block_size, n)
+    return selection_from_block_mask(mask, block_size, seq_len)
 
 
 def window_radius_blocks(window: int, block_size: int) -> int:

@@ -203,18 +203,26 @@ def select_topk_blocks_triton(
     q: torch.Tensor, k: torch.Tensor, block_size: int, topk: int
 ) -> BlockSelection:
     """Same contract as select_topk_blocks_naive: exactly k_eff ids per row, ascending."""
-    b, h, n, d = q.shape
-    nb = num_blocks(n, block_size)
-    k_eff = max(1, min(int(topk), nb))
     qp, kpt = mean_pool_blocks_triton(q, k, block_size)
+    return select_topk_pooled_triton(qp, kpt, block_size, topk, q.shape[2])
+
+
+def select_topk_pooled_triton(
+    qp: torch.Tensor, kpt: torch.Tensor, block_size: int, topk: int, seq_len: int
+) -> BlockSelection:
+    """Same contract as select_topk_pooled_naive (pooled fp32 q [B, H, nb, D] and k
+    transposed [B, H, D, nb], e.g. from the linear-state kernel)."""
+    b, h, nb, d = qp.shape
+    k_eff = max(1, min(int(topk), nb))
+    qp, kpt = qp.contiguous(), kpt.contiguous()
     if TOPK_IMPL == "torch" or nb > TOPK_TRITON_MAX_BLOCKS:
         # Block-level scores [nb, nb] (never token-level) through cuBLAS fp32, torch.topk, sort.
         scores = qp @ kpt
         scores.diagonal(dim1=-2, dim2=-1).fill_(float("inf"))
         top = scores.topk(k_eff, dim=-1, sorted=False).indices.sort(dim=-1).values
         idx = top.to(torch.int32)
-        cnt = torch.full((b, h, nb), k_eff, device=q.device, dtype=torch.int32)
-        return BlockSelection(idx, cnt, block_size, n)
+        cnt = torch.full((b, h, nb), k_eff, device=qp.device, dtype=torch.int32)
+        return BlockSelection(idx, cnt, block_size, seq_len)
     if d % 16:
         raise ValueError(
             f"Expected a head dim that is a multiple of 16 for the Triton Top-K kernel, got {d}. "
@@ -222,8 +230,8 @@ def select_topk_blocks_triton(
         )
     s1, s2 = _topk_segments(nb)
     bq, num_warps, num_stages = _topk_launch(s1, s2)
-    idx = torch.empty(b, h, nb, k_eff, device=q.device, dtype=torch.int32)
-    cnt = torch.empty(b, h, nb, device=q.device, dtype=torch.int32)
+    idx = torch.empty(b, h, nb, k_eff, device=qp.device, dtype=torch.int32)
+    cnt = torch.empty(b, h, nb, device=qp.device, dtype=torch.int32)
     if POISON_OUTPUTS:
         idx.fill_(-1)
         cnt.fill_(-1)
@@ -232,7 +240,7 @@ def select_topk_blocks_triton(
         BQ=bq, S1=s1, S2=s2, CB=(s1 + s2).bit_length(), D=d, DC=16,
         num_warps=num_warps, num_stages=num_stages,
     )
-    return BlockSelection(idx, cnt, block_size, n)
+    return BlockSelection(idx, cnt, block_size, seq_len)
 
 
 @triton.jit

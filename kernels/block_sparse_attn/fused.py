@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import torch
 
-from ..linear_attn.naive import DEFAULT_EPS, linear_attention_torch
+from ..linear_attn.naive import DEFAULT_EPS, linear_apply_torch, linear_attention_state
 from ..selection import BlockSelection
 from .naive import block_sparse_attention_torch
 
@@ -21,9 +21,10 @@ def salad_attention_torch(
     linear_scale: torch.Tensor | None = None,
     scale: float | None = None,
     eps: float = DEFAULT_EPS,
+    linear_state: tuple[torch.Tensor, torch.Tensor] | None = None,
 ) -> torch.Tensor:
     out, _ = block_sparse_attention_torch(q, k, v, selection, scale)
-    return _combine(out, q, k, v, eps, proj_weight, proj_bias, linear_scale)
+    return _combine(out, q, k, v, eps, proj_weight, proj_bias, linear_scale, linear_state)
 
 
 def salad_attention_flex(
@@ -36,17 +37,20 @@ def salad_attention_flex(
     linear_scale: torch.Tensor | None = None,
     scale: float | None = None,
     eps: float = DEFAULT_EPS,
+    linear_state: tuple[torch.Tensor, torch.Tensor] | None = None,
 ) -> torch.Tensor:
     from .flex import block_sparse_attention_flex
 
     out, _ = block_sparse_attention_flex(q, k, v, selection, scale)
-    return _combine(out, q, k, v, eps, proj_weight, proj_bias, linear_scale)
+    return _combine(out, q, k, v, eps, proj_weight, proj_bias, linear_scale, linear_state)
 
 
-def _combine(out, q, k, v, eps, proj_weight, proj_bias, linear_scale) -> torch.Tensor:
-    """O_s + c * (O_l W^T + b) over head-merged rows (Alg. 1), fp32, in out's dtype and layout."""
+def _combine(out, q, k, v, eps, proj_weight, proj_bias, linear_scale, linear_state) -> torch.Tensor:
+    """O_s + c * (O_l W^T + b) over head-merged rows (Alg. 1), fp32, in out's dtype and layout.
+    linear_state: (S, z) already made, or None to make them from k and v."""
     b, h, n, dv = out.shape
-    lin = linear_attention_torch(q, k, v, eps)  # rounded to q's dtype, as the fused path feeds Proj
+    state, z = linear_attention_state(k, v) if linear_state is None else linear_state
+    lin = linear_apply_torch(q, state, z, eps)  # rounded to q's dtype, as the unfused path feeds Proj
     proj = lin.float().transpose(1, 2).reshape(b, n, h * dv) @ proj_weight.float().t()
     if proj_bias is not None:
         proj = proj + proj_bias.float()

@@ -271,12 +271,14 @@ def salad_attention_triton(
     linear_scale: torch.Tensor | None = None,
     scale: float | None = None,
     eps: float = 1e-6,
+    linear_state: tuple[torch.Tensor, torch.Tensor] | None = None,
 ) -> torch.Tensor:
     """Same contract as fused.salad_attention_torch: O_s + c * (O_l W^T + b) per head-merged
-    row (Alg. 1), in q's layout. The sparse kernel adds c * b in its epilogue; the linear
-    branch is made PROJ_CHUNK_ROWS rows at a time and projected straight into the sparse
-    output (cuBLAS beta = 1), so the only full-size buffer is the output itself."""
-    from ..linear_attn.triton import linear_apply_prepared, linear_prepare, linear_state_triton
+    row (Alg. 1), in q's layout. The sparse kernel adds c * b in its epilogue; Proj is folded
+    into the linear state (``linear_fold_projection``), and the features relu(q) / den * c are
+    made PROJ_CHUNK_ROWS rows at a time and multiplied straight into the sparse output (cuBLAS
+    beta = 1), so the only full-size buffer is the output itself."""
+    from ..linear_attn.triton import linear_features_triton, linear_fold_projection, linear_state_triton
 
     _check(q, k, v, selection)
     scale = q.shape[-1] ** -0.5 if scale is None else scale
@@ -286,22 +288,21 @@ def salad_attention_triton(
     if proj_bias is not None:
         coeff = torch.ones(b, device=q.device) if linear_scale is None else linear_scale
         out_bias = (coeff.float()[:, None] * proj_bias.float()[None, :]).contiguous()
-    state, z = linear_state_triton(k, v)
-    prepared = linear_prepare(state, z, eps, q.dtype)
+    state, z = linear_state_triton(k, v) if linear_state is None else linear_state
+    folded, zn, epsn = linear_fold_projection(state, z, eps, proj_weight, q.dtype)
+    del state
     out, _ = block_sparse_attention_triton(q, k, v, selection, scale, out_bias)
-    w_t = proj_weight.to(out.dtype).t()
     rows_view = out.transpose(1, 2)  # [B, N, H, DV]
     merged = rows_view.view(b, n, h * dv) if rows_view.is_contiguous() else None
     for r0 in range(0, n, PROJ_CHUNK_ROWS):
         r1 = min(n, r0 + PROJ_CHUNK_ROWS)
-        lin = linear_apply_prepared(q[:, :, r0:r1], prepared, linear_scale)
-        lin = lin.transpose(1, 2).reshape(b, r1 - r0, h * dv)  # a view for Wan-layout q
+        feats = linear_features_triton(q[:, :, r0:r1], zn, epsn, linear_scale)  # [B, rows, H * D]
         for i in range(b):
             if merged is not None:
-                merged[i, r0:r1].addmm_(lin[i], w_t)
+                merged[i, r0:r1].addmm_(feats[i], folded[i])
             else:
-                rows_view[i, r0:r1] += (lin[i] @ w_t).view(r1 - r0, h, dv)
-        del lin  # before the next chunk's buffer, so only one is ever alive
+                rows_view[i, r0:r1] += (feats[i] @ folded[i]).view(r1 - r0, h, dv)
+        del feats  # before the next chunk's buffer, so only one is ever alive
     return out
 
 

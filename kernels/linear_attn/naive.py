@@ -29,14 +29,27 @@ def linear_attention_state(k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tens
     return fk.transpose(-1, -2) @ v.float(), fk.sum(2)
 
 
+def linear_state_pooled_torch(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, block_size: int):
+    """(S, z) of ``linear_attention_state`` with the Top-K selection's pooled blocks:
+    (fp32 [B, H, nb, D] mean-pooled q, fp32 [B, H, D, nb] mean-pooled k transposed)."""
+    from ..block_select.naive import mean_pool_blocks
+
+    state, z = linear_attention_state(k, v)
+    return state, z, mean_pool_blocks(q, block_size), mean_pool_blocks(k, block_size).transpose(-1, -2)
+
+
+def linear_apply_torch(q: torch.Tensor, state: torch.Tensor, z: torch.Tensor, eps: float = DEFAULT_EPS) -> torch.Tensor:
+    """relu(q) S / (relu(q) z + eps) in fp32, in q's dtype (S, z from linear_attention_state)."""
+    fq = torch.relu(q.float())
+    out = (fq @ state) / ((fq @ z.unsqueeze(-1)) + eps)
+    return out.to(q.dtype)
+
+
 def linear_attention_torch(
     q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, eps: float = DEFAULT_EPS
 ) -> torch.Tensor:
     """Paper eq. 3, second line: relu(q) H / (relu(q) Z + eps) with fp32 state."""
-    kv, z = linear_attention_state(k, v)
-    fq = torch.relu(q.float())
-    out = (fq @ kv) / ((fq @ z.unsqueeze(-1)) + eps)
-    return out.to(q.dtype)
+    return linear_apply_torch(q, *linear_attention_state(k, v), eps)
 
 
 def linear_attention_backward_torch(

@@ -1,11 +1,18 @@
 """Triton ReLU linear attention (paper eq. 3) with fp32 state.
 
 1. ``_state_kernel``: split-N reduction of S = sum_j relu(k_j)^T v_j ([D, Dv]) and
-   z = sum_j relu(k_j) ([D]) per (batch, head), fp32 accumulate, fp32 atomic adds across splits.
+   z = sum_j relu(k_j) ([D]) per (batch, head), fp32 accumulate. Each program writes its own
+   fp32 partial; torch sums the partials (deterministic, and no fp32 atomics queueing on the
+   same 64 KB). Column sums (z, and the Top-K pooling of q and k when asked: one pass instead
+   of a separate pooling kernel) are tensor-core products with a ones tile.
 2. ``_apply_kernel``: per query tile, relu(q) S / (relu(q) z + eps). The fp32 state is split
    into hi + lo 16-bit halves (``linear_prepare``), so two tensor-core products keep ~16
    mantissa bits; optional per-sample ``out_scale`` (e.g. the SALAD gate) fused into the store.
    (v1 used a 3xTF32 fp32 product: 0.82 ms at the 1.3B shape, register-bound.)
+3. ``_features_kernel`` + ``linear_fold_projection`` (the fused SALAD op): Alg. 1 projects the
+   head-merged linear output, O_l W^T = sum_h relu(q_h) (S_h W_h^T) / den_h, so the projection
+   is folded into the state (S_h W_h^T, [D, C] per head) and each row only needs its features
+   relu(q_h) / den_h: one bandwidth pass over q and one GEMM, no apply products.
 (An apply step in the sparse kernel's epilogue was slower: register pressure in its main loop.)
 """
 
@@ -19,7 +26,10 @@ from ..block_sparse_attn.triton import cast_out, interpreting
 from ..layout import out_like, rowmajor
 from .naive import DEFAULT_EPS
 
-STATE_ROWS_PER_PROGRAM = 1024
+# Rows per state program. H100 sweep (bench/results/linear-h100-s5-state.json), 1.3B / 14B:
+# 1024 rows + fp32 atomics (session 4) 0.19 / 0.98 ms; 2048 rows, 4 warps, partials 0.13 / 0.70;
+# + z as a ones product 0.10 / 0.64; + q and k pooling 0.14 / 0.93 (pooling alone: 0.12 / 0.68).
+STATE_ROWS = 2048
 
 
 # Tests set this: outputs start as NaN so an unwritten element can't pass.
@@ -27,11 +37,21 @@ POISON_OUTPUTS = False
 
 
 @triton.jit
+def _column_sums(x, ones, DOT_F32: tl.constexpr):
+    """fp32 sums over the rows of x [BN, D] as a tensor-core product with ones [BN, 16] (every
+    column of the product is the same exact sum; max picks one): a plain tl.sum over rows
+    costs ~30 % of the state kernel at 1.3B in layout shuffles."""
+    if DOT_F32:  # the CPU interpreter multiplies bf16 as raw uint16: upcast there only
+        return tl.max(tl.dot(tl.trans(x.to(tl.float32)), ones.to(tl.float32)), 1)
+    return tl.max(tl.dot(tl.trans(x), ones), 1)
+
+
+@triton.jit
 def _state_kernel(
-    K, V, S, Z,
-    skb, skh, skn, svb, svh, svn,
-    H, N, ROWS,
-    BN: tl.constexpr, D: tl.constexpr, DV: tl.constexpr, DOT_F32: tl.constexpr,
+    Q, K, V, SP, ZP, QP, KPT,
+    sqb, sqh, sqn, skb, skh, skn, svb, svh, svn,
+    H, N, NB, ROWS,
+    BN: tl.constexpr, D: tl.constexpr, DV: tl.constexpr, POOL: tl.constexpr, DOT_F32: tl.constexpr,
 ):
     split = tl.program_id(0)
     bh = tl.program_id(1)
@@ -42,20 +62,28 @@ def _state_kernel(
     offs_dv = tl.arange(0, DV)
     acc = tl.zeros([D, DV], tl.float32)
     zacc = tl.zeros([D], tl.float32)
+    ones = tl.full([BN, 16], 1.0, tl.float32).to(V.dtype.element_ty)
     start = split * ROWS
     for r in range(start, tl.minimum(start + ROWS, N), BN):
         rows = r + offs_n
         ok = rows < N
-        kt = tl.load(K + b * skb + h * skh + rows[None, :] * skn + offs_d[:, None], mask=ok[None, :], other=0.0)
-        kt = tl.maximum(kt, 0.0).to(V.dtype.element_ty)
+        k = tl.load(K + b * skb + h * skh + rows[:, None] * skn + offs_d[None, :], mask=ok[:, None], other=0.0)
+        fk = tl.maximum(k, 0.0).to(V.dtype.element_ty)
         v = tl.load(V + b * svb + h * svh + rows[:, None] * svn + offs_dv[None, :], mask=ok[:, None], other=0.0)
-        if DOT_F32:  # the CPU interpreter multiplies bf16 as raw uint16: upcast there only
-            acc += tl.dot(kt.to(tl.float32), v.to(tl.float32))
+        if DOT_F32:
+            acc += tl.dot(tl.trans(fk.to(tl.float32)), v.to(tl.float32))
         else:
-            acc += tl.dot(kt, v)
-        zacc += tl.sum(kt.to(tl.float32), 1)
-    tl.atomic_add(S + bh * D * DV + offs_d[:, None] * DV + offs_dv[None, :], acc)
-    tl.atomic_add(Z + bh * D + offs_d, zacc)
+            acc += tl.dot(tl.trans(fk), v)
+        zacc += _column_sums(fk, ones, DOT_F32)
+        if POOL:  # BN = the selection's block size and ROWS a multiple of it: one block a step
+            blk = r // BN
+            count = tl.minimum(N - r, BN).to(tl.float32)
+            tl.store(KPT + bh * D * NB + offs_d * NB + blk, _column_sums(k, ones, DOT_F32) / count)
+            q = tl.load(Q + b * sqb + h * sqh + rows[:, None] * sqn + offs_d[None, :], mask=ok[:, None], other=0.0)
+            tl.store(QP + (bh * NB + blk) * D + offs_d, _column_sums(q, ones, DOT_F32) / count)
+    part = split * tl.num_programs(1) + bh
+    tl.store(SP + part * D * DV + offs_d[:, None] * DV + offs_dv[None, :], acc)
+    tl.store(ZP + part * D + offs_d, zacc)
 
 
 @triton.jit
@@ -93,6 +121,30 @@ def _apply_kernel(
              cast_out(out, O.dtype.element_ty, DOT_F32), mask=ok[:, None])
 
 
+@triton.jit
+def _features_kernel(
+    Q, ZN, EPSN, F, SCALE,
+    sqb, sqh, sqn, sfb, sfn,
+    H, N,
+    BM: tl.constexpr, D: tl.constexpr, HAS_SCALE: tl.constexpr, EMULATE_RNE: tl.constexpr,
+):
+    pid = tl.program_id(0)
+    bh = tl.program_id(1)
+    b = bh // H
+    h = bh % H
+    rows = pid * BM + tl.arange(0, BM)
+    ok = rows < N
+    offs_d = tl.arange(0, D)
+    q = tl.load(Q + b * sqb + h * sqh + rows[:, None] * sqn + offs_d[None, :], mask=ok[:, None], other=0.0)
+    fq = tl.maximum(q.to(tl.float32), 0.0)
+    # relu(q) / (relu(q) z + eps) [* scale[b]]: eq. 3 without its state product
+    inv = 1.0 / (tl.sum(fq * tl.load(ZN + bh * D + offs_d)[None, :], 1) + tl.load(EPSN + bh))
+    if HAS_SCALE:
+        inv = inv * tl.load(SCALE + b)
+    tl.store(F + b * sfb + rows[:, None] * sfn + h * D + offs_d[None, :],
+             cast_out(fq * inv[:, None], F.dtype.element_ty, EMULATE_RNE), mask=ok[:, None])
+
+
 def linear_prepare(state: torch.Tensor, z: torch.Tensor, eps: float, dtype: torch.dtype):
     """Split the fp32 state for two 16-bit tensor-core products: S/c = hi + lo (hi, lo in
     ``dtype``, ~16 mantissa bits together), with c = max|S| per head so fp16 cannot overflow.
@@ -107,19 +159,56 @@ def linear_prepare(state: torch.Tensor, z: torch.Tensor, eps: float, dtype: torc
 
 def linear_state_triton(k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """(S fp32 [B, H, D, Dv], z fp32 [B, H, D]), contiguous."""
+    state, z, _, _ = _launch_state(None, k, v, None)
+    return state, z
+
+
+def linear_state_pooled_triton(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, block_size: int):
+    """(S, z) as ``linear_state_triton`` plus the Top-K selection's mean-pooled blocks from the
+    same pass: (fp32 [B, H, nb, D] pooled q, fp32 [B, H, D, nb] pooled k transposed), as
+    ``block_select.triton.mean_pool_blocks_triton`` returns them. H100: 0.14 ms at 1.3B
+    against 0.13 + 0.12 ms for the state and pooling kernels apart (linear-h100-s5-state.json)."""
+    if block_size not in POOL_BLOCK_SIZES or q.shape != k.shape:
+        raise ValueError(
+            f"Expected block_size in {POOL_BLOCK_SIZES} and q, k of one shape, got {block_size}, "
+            f"{tuple(q.shape)} and {tuple(k.shape)}. Try backend='torch'."
+        )
+    return _launch_state(q, k, v, block_size)
+
+
+# Pooling walks one block per step of the state loop, so the block is the loop's row tile.
+POOL_BLOCK_SIZES = (16, 32, 64, 128)
+
+
+def _launch_state(q, k, v, block_size):
     b, h, n, d = k.shape
     dv = v.shape[-1]
     k, v = rowmajor(k), rowmajor(v)
-    state = torch.zeros(b, h, d, dv, device=k.device, dtype=torch.float32)
-    z = torch.zeros(b, h, d, device=k.device, dtype=torch.float32)
-    rows = STATE_ROWS_PER_PROGRAM
-    bn = 64 if n >= 64 else 16
-    _state_kernel[(triton.cdiv(n, rows), b * h)](
-        k, v, state, z,
-        k.stride(0), k.stride(1), k.stride(2), v.stride(0), v.stride(1), v.stride(2),
-        h, n, rows, BN=bn, D=d, DV=dv, DOT_F32=interpreting(), num_warps=8 if d * dv >= 128 * 128 else 4, num_stages=3,
+    splits = triton.cdiv(n, STATE_ROWS)
+    # Every program writes its whole partial, so no poisoning is needed to catch gaps.
+    parts = torch.empty(splits, b, h, d, dv, device=k.device, dtype=torch.float32)
+    z_parts = torch.empty(splits, b, h, d, device=k.device, dtype=torch.float32)
+    pool = block_size is not None
+    if pool:
+        q = rowmajor(q)
+        nb = triton.cdiv(n, block_size)
+        qp = torch.empty(b, h, nb, d, device=k.device, dtype=torch.float32)
+        kpt = torch.empty(b, h, d, nb, device=k.device, dtype=torch.float32)
+        if POISON_OUTPUTS:
+            qp.fill_(float("nan"))
+            kpt.fill_(float("nan"))
+        bn = block_size
+    else:
+        q, qp, kpt, nb = k, parts, parts, 1  # unused by the POOL=False kernel
+        bn = 64 if n >= 64 else 16
+    _state_kernel[(splits, b * h)](
+        q, k, v, parts, z_parts, qp, kpt,
+        q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), k.stride(2),
+        v.stride(0), v.stride(1), v.stride(2),
+        h, n, nb, STATE_ROWS, BN=bn, D=d, DV=dv, POOL=pool, DOT_F32=interpreting(),
+        num_warps=4, num_stages=2 if pool else 3,
     )
-    return state, z
+    return parts.sum(0), z_parts.sum(0), (qp if pool else None), (kpt if pool else None)
 
 
 def linear_apply_triton(q, state, z, eps=DEFAULT_EPS, out_scale: torch.Tensor | None = None):
@@ -147,6 +236,42 @@ def linear_apply_prepared(q, prepared, out_scale: torch.Tensor | None = None):
         num_warps=4, num_stages=2,
     )
     return out
+
+
+def linear_fold_projection(state: torch.Tensor, z: torch.Tensor, eps: float, proj_weight: torch.Tensor, dtype: torch.dtype):
+    """Proj folded into the state (Alg. 1's O_l W^T = sum_h relu(q_h) (S_h W_h^T) / den_h).
+
+    S, z and eps are divided by c = max|S| per head first (as in ``linear_prepare``: the
+    ratio is unchanged and fp16 cannot overflow). The fold is one 16-bit batched product
+    straight on W's head columns (a strided view): S/c is rounded to ``dtype`` like W'
+    itself, which keeps the op's error below the unfolded path's (tests), while an fp32 fold
+    (W copied to fp32 and permuted) took 0.10 ms a layer at 1.3B. Returns (W' [B, H * D, C_out]
+    in ``dtype``, row h * D + d = (S_h / c) W_h^T; z/c fp32 [B, H, D]; eps/c fp32 [B, H])."""
+    b, h, d, dv = state.shape
+    c = state.abs().amax(dim=(-2, -1)).clamp_min(1e-30)
+    sn = (state / c[..., None, None]).to(dtype)
+    w_heads = proj_weight.to(dtype).view(proj_weight.shape[0], h, dv).permute(1, 2, 0)  # [H, Dv, C_out]
+    folded = torch.matmul(sn, w_heads).view(b, h * d, -1)  # [B, H, D, C_out]: W broadcast over B
+    return folded, (z / c[..., None]).contiguous(), (eps / c).contiguous()
+
+
+def linear_features_triton(q: torch.Tensor, zn: torch.Tensor, epsn: torch.Tensor, out_scale: torch.Tensor | None = None):
+    """Head-merged rows relu(q_h) / (relu(q_h) zn_h + epsn_h) [* out_scale[b]]: [B, N, H * D]
+    contiguous in q's dtype (zn, epsn from ``linear_fold_projection``)."""
+    b, h, n, d = q.shape
+    q = rowmajor(q)
+    f = torch.empty(b, n, h * d, device=q.device, dtype=q.dtype)
+    if POISON_OUTPUTS:
+        f.fill_(float("nan"))
+    if out_scale is not None:
+        out_scale = out_scale.to(torch.float32).contiguous()
+    bm = 64
+    _features_kernel[(triton.cdiv(n, bm), b * h)](
+        q, zn, epsn, f, out_scale if out_scale is not None else zn,
+        q.stride(0), q.stride(1), q.stride(2), f.stride(0), f.stride(1),
+        h, n, BM=bm, D=d, HAS_SCALE=out_scale is not None, EMULATE_RNE=interpreting(), num_warps=4,
+    )
+    return f
 
 
 def linear_attention_triton(

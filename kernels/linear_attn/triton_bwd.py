@@ -30,7 +30,7 @@ import triton.language as tl
 from ..block_sparse_attn.triton import cast_out, interpreting
 from ..layout import out_like, rowmajor
 from .naive import DEFAULT_EPS
-from .triton import STATE_ROWS_PER_PROGRAM, linear_state_triton
+from .triton import linear_state_triton
 
 # What the kernels take: tl.arange and tl.dot need power-of-two dims >= 16; the fp32 [Dv, D]
 # dS^T accumulator of D = 128 already takes 64 registers a thread at 8 warps.
@@ -43,6 +43,8 @@ DTYPES = (torch.float16, torch.bfloat16)
 # rows. 64-row dq tiles spilled 280 bytes; 32-row dk/dv tiles fell back to mma.sync.
 DQ_LAUNCH = dict(BN=32, num_stages=2)
 DKDV_LAUNCH = dict(BN=64, num_warps=4, num_stages=2)
+# Rows per dq and dk/dv program (their dS^T and dz partials meet in fp32 atomics).
+ROWS_PER_PROGRAM = 1024
 # This backward is chosen by SALAD_BACKWARD_BACKEND (kernels/autograd.py), so errors point there.
 ADVICE = "Try SALAD_BACKWARD_BACKEND=torch."
 
@@ -185,7 +187,7 @@ def linear_attention_backward_triton(
     state, z = linear_state_triton(k, v)
     dst = torch.zeros(b, h, dv_dim, d, device=q.device, dtype=torch.float32)
     dz = torch.zeros(b, h, d, device=q.device, dtype=torch.float32)
-    rows = STATE_ROWS_PER_PROGRAM
+    rows = ROWS_PER_PROGRAM
     grid = (triton.cdiv(n, rows), b * h)
     shapes = dict(D=d, DV=dv_dim, DOT_F32=interpreting())
     _dq_kernel[grid](

@@ -30,26 +30,24 @@ def _qk_norm_rope_kernel(
     row = tl.program_id(0)
     bi = (row // n_tokens).to(tl.int64)  # int64 offsets: B * N * C can pass 2^31
     ni = (row % n_tokens).to(tl.int64)
-    p = tl.arange(0, BLOCK)  # pair index over the row: channel 2p and 2p + 1
-    ok = p < C // 2
-    x_row = x_ptr + bi * stride_xb + ni * stride_xn
-    x0 = tl.load(x_row + 2 * p, mask=ok, other=0.0).to(tl.float32)
-    x1 = tl.load(x_row + 2 * p + 1, mask=ok, other=0.0).to(tl.float32)
-    rstd = tl.rsqrt((tl.sum(x0 * x0, 0) + tl.sum(x1 * x1, 0)) / C + eps)
-    w0 = tl.load(w_ptr + 2 * p, mask=ok, other=0.0).to(tl.float32)
-    w1 = tl.load(w_ptr + 2 * p + 1, mask=ok, other=0.0).to(tl.float32)
+    p = tl.arange(0, BLOCK)  # pair index over the row: channels 2p and 2p + 1
+    ok = p[:, None] < C // 2
+    # Pairs as [BLOCK, 2] tiles, split in registers: contiguous (vectorised) loads and stores
+    # instead of two stride-2 passes (H100: 83 vs 97 us at 1.3B, 0.54 vs 0.65 ms at 14B).
+    pair = 2 * p[:, None] + tl.arange(0, 2)[None, :]
+    x = tl.load(x_ptr + bi * stride_xb + ni * stride_xn + pair, mask=ok, other=0.0).to(tl.float32)
+    rstd = tl.rsqrt(tl.sum(tl.sum(x * x, 1), 0) / C + eps)
+    w = tl.load(w_ptr + pair, mask=ok, other=0.0).to(tl.float32)
     dt = out_ptr.dtype.element_ty
-    y0 = (x0 * rstd * w0).to(dt).to(tl.float32)
-    y1 = (x1 * rstd * w1).to(dt).to(tl.float32)
+    y0, y1 = tl.split((x * rstd * w).to(dt).to(tl.float32))
     # freqs[b, n, 0, j, r, c] for pair j = p % (D/2) of its head: out_r = f[r,0] y0 + f[r,1] y1
-    f_row = f_ptr + bi * stride_fb + ni * stride_fn + (p % HALF_D) * 4
-    f00 = tl.load(f_row, mask=ok, other=0.0).to(tl.float32)
-    f01 = tl.load(f_row + 1, mask=ok, other=0.0).to(tl.float32)
-    f10 = tl.load(f_row + 2, mask=ok, other=0.0).to(tl.float32)
-    f11 = tl.load(f_row + 3, mask=ok, other=0.0).to(tl.float32)
-    o_row = out_ptr + bi * stride_ob + ni * stride_on
-    tl.store(o_row + 2 * p, (f00 * y0 + f01 * y1).to(dt), mask=ok)
-    tl.store(o_row + 2 * p + 1, (f10 * y0 + f11 * y1).to(dt), mask=ok)
+    quad = (p % HALF_D)[:, None] * 4 + tl.arange(0, 4)[None, :]
+    f = tl.load(f_ptr + bi * stride_fb + ni * stride_fn + quad, mask=ok, other=0.0).to(tl.float32)
+    f_c0, f_c1 = tl.split(tl.reshape(f, [BLOCK, 2, 2]))  # f[:, r, 0] and f[:, r, 1]
+    f00, f10 = tl.split(f_c0)
+    f01, f11 = tl.split(f_c1)
+    out = tl.join(f00 * y0 + f01 * y1, f10 * y0 + f11 * y1).to(dt)
+    tl.store(out_ptr + bi * stride_ob + ni * stride_on + pair, out, mask=ok)
 
 
 @triton.jit
@@ -100,7 +98,7 @@ def _rowmajor_freqs(freqs: torch.Tensor, n: int, d: int) -> torch.Tensor:
     return freqs
 
 
-def _launch_settings(c: int) -> dict:
+def _launch_settings(c: int) -> dict:  # the backward's
     block = triton.next_power_of_2(c // 2)
     return {"BLOCK": block, "num_warps": 4 if block <= 1024 else 8}
 
@@ -119,7 +117,7 @@ def qk_norm_rope_triton(x: torch.Tensor, weight: torch.Tensor, freqs: torch.Tens
         x.stride(0), x.stride(1), f.stride(0) if f.shape[0] > 1 else 0, f.stride(1),
         out.stride(0), out.stride(1),
         n, float(eps),
-        C=c, HALF_D=d // 2, **_launch_settings(c),
+        C=c, HALF_D=d // 2, BLOCK=triton.next_power_of_2(c // 2), num_warps=4,  # 4 warps: best at C 1536 and 5120 (H100)
     )
     return out
 
