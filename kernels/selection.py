@@ -88,11 +88,13 @@ def num_blocks(seq_len: int, block_size: int) -> int:
 
 
 def block_sizes(seq_len: int, block_size: int, device) -> torch.Tensor:
-    """float64 [n_blocks]: tokens in each block (the last may be partial)."""
-    n = num_blocks(seq_len, block_size)
-    sizes = torch.full((n,), float(block_size), dtype=torch.float64, device=device)
-    sizes[-1] = seq_len - (n - 1) * block_size
-    return sizes
+    """float64 [n_blocks]: tokens in each block (the last may be partial).
+
+    Made on the device without writing a Python number into it: that write is a pageable
+    host-to-device copy, which PyTorch follows with a stream synchronisation (once per layer
+    in sampling, through the stats' kept_token_pairs)."""
+    starts = torch.arange(0, seq_len, block_size, dtype=torch.float64, device=device)
+    return (seq_len - starts).clamp(max=block_size)
 
 
 def valid_mask(selection: BlockSelection) -> torch.Tensor:

@@ -15,9 +15,12 @@ import kernels
 
 @dataclass
 class StepRecord:
+    """One step's records, on the device, in two small tensors whatever the layer count (they
+    stay alive for the whole run, so they count towards its peak memory)."""
+
     step: int | None
-    gates: dict[int, torch.Tensor] = field(default_factory=dict)  # layer -> [B] fp32
-    kept: list[torch.Tensor] = field(default_factory=list)  # kept token pairs per layer call
+    gates: torch.Tensor | None = None  # fp32 [layers, B], NaN where the branch did not run
+    kept: torch.Tensor | None = None  # kept token pairs, summed over the step's layer calls
     total: float = 0.0  # all token pairs of those calls
     timings: list = field(default_factory=list)  # (start, end) events or seconds
 
@@ -79,8 +82,12 @@ class SaladStats:
     def record_layer(self, layer: int, selection: kernels.BlockSelection, gate: torch.Tensor | None) -> None:
         rec = self._current()
         if gate is not None:
-            rec.gates[layer] = gate.detach()
-        rec.kept.append(selection.kept_token_pairs())
+            if rec.gates is None or rec.gates.shape[1] != gate.shape[0]:
+                # (A step's later call with another batch size rewrites every layer it runs.)
+                rec.gates = gate.new_full((self.num_layers, gate.shape[0]), float("nan"), dtype=torch.float32)
+            rec.gates[layer].copy_(gate.detach())
+        kept = selection.kept_token_pairs()
+        rec.kept = kept if rec.kept is None else rec.kept.add_(kept)
         b, h = selection.kv_counts.shape[:2]
         rec.total += float(selection.seq_len) ** 2 * b * h
 
@@ -89,11 +96,9 @@ class SaladStats:
         kept, total = 0.0, 0.0
         for rec in self._steps:
             steps.append(rec.step)
-            gates.append([
-                float(rec.gates[layer].mean()) if layer in rec.gates else None
-                for layer in range(self.num_layers)
-            ])
-            kept += float(sum(float(k) for k in rec.kept))
+            means = [None] * self.num_layers if rec.gates is None else rec.gates.mean(1).tolist()
+            gates.append([None if m != m else m for m in means])  # NaN: the branch did not run
+            kept += 0.0 if rec.kept is None else float(rec.kept)
             total += rec.total
             times.append(_elapsed_ms(rec.timings))
         sparsity = 1.0 - kept / total if total else None

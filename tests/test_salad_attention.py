@@ -266,3 +266,33 @@ def test_qkv_casts_x_once_under_autocast(tiny_wan_path, load_wan):
     for got, want in zip(qkv, stock):
         assert got.dtype == want.dtype and torch.equal(got, want)
     assert dx.dtype == torch.float32 and rel_err(dx, dx_ref) < 1e-2, rel_err(dx, dx_ref)
+
+
+def test_stats_record_gates_and_sparsity_per_step():
+    """SaladStats against sums done by hand: per-step gate means (None where a branch did not
+    run, the last call's batch when a step is called twice), sparsity from the token pairs
+    really kept (partial last block included), steps in order."""
+    from kernels.selection import selection_from_block_mask
+    from salad_core.stats import SaladStats
+
+    n, bs = 70, 16  # 5 blocks, the last holds 6 tokens
+    mask = torch.zeros(1, 2, 5, 5, dtype=torch.bool)
+    mask[..., 0] = True  # every query block reads block 0 (16 keys)
+    mask[0, 1, :, 4] = True  # head 1 also the partial block (6 keys)
+    sel = selection_from_block_mask(mask, bs, n)
+    kept = 2 * 16 * n + 6 * n  # per query token: 16 keys (both heads) + 6 (head 1)
+    stats = SaladStats(num_layers=3)
+    stats.start_run()
+    stats.begin_call(0, dense=False)
+    stats.record_layer(0, sel, torch.tensor([0.2, 0.4]))
+    stats.record_layer(1, sel, None)  # dropped branch
+    stats.record_layer(2, sel, torch.tensor([0.6, 1.0]))
+    stats.begin_call(1, dense=False)
+    stats.record_layer(0, sel, torch.tensor([0.1, 0.3]))
+    stats.begin_call(1, dense=False)  # the step's second call (e.g. uncond), another batch size
+    stats.record_layer(0, sel, torch.tensor([0.5]))
+    stats.begin_call(2, dense=True)
+    s = stats.summary()
+    assert s.steps == [0, 1] and s.dense_steps == 1
+    assert s.gates[0] == pytest.approx([0.3, None, 0.8]) and s.gates[1] == pytest.approx([0.5, None, None])
+    assert s.sparsity == pytest.approx(1 - kept / (2 * n * n))
