@@ -60,11 +60,12 @@ def git_sha() -> str:
         return os.environ.get("GIT_SHA", "unknown")
 
 
-def time_ms(fn, reps: int, warmup: int = 5) -> float:
+def time_ms(fn, reps: int, warmup: int = 5, synced: bool = False) -> float:
     """Median GPU time of one call. The calls are queued back to back with an event pair around
     each and one synchronisation at the end, as in a model's forward: a per-call sync would add
     the host's launch time of the op's first kernels (~0.3 ms for the full SALAD op's small
-    launches) to every sample, which a running model hides behind the previous layer."""
+    launches) to every sample, which a running model hides behind the previous layer.
+    ``synced``: the session-1..4 method instead (a sync after every call), for the ms_synced rows."""
     for _ in range(warmup):
         fn()
     torch.cuda.synchronize()
@@ -75,6 +76,8 @@ def time_ms(fn, reps: int, warmup: int = 5) -> float:
         fn()
         end.record()
         events.append((start, end))
+        if synced:
+            end.synchronize()
     torch.cuda.synchronize()
     return statistics.median(start.elapsed_time(end) for start, end in events)
 
@@ -165,6 +168,7 @@ def run_shape(name, args, ctx):
     dense_ms = time_ms(dense, max(reps, 50))
     ctx["dense_ms"] = dense_ms
     record(ctx, dense_case, "ms", dense_ms)
+    record(ctx, dense_case, "ms_synced", time_ms(dense, max(reps, 50), synced=True))
     record(ctx, dense_case, "extra_mem_x_q", peak_extra_bytes(dense) / q_bytes)
 
     temporal = torch.arange(h) % 2 == 1
@@ -208,6 +212,7 @@ def run_shape(name, args, ctx):
                 if flex_ms:
                     extra["vs_flex"] = round(sp_ms / flex_ms, 3)
                 record(ctx, f"salad_sparse_{tag}", "ms", sp_ms, **extra)
+                record(ctx, f"salad_sparse_{tag}", "ms_synced", time_ms(sparse, reps, synced=True))
                 record(ctx, f"salad_sparse_{tag}", "extra_mem_x_q", peak_extra_bytes(sparse) / q_bytes)
                 if mode == "stswa":
                     bsa_triton.ORDER_MODE = "permute"
@@ -235,6 +240,7 @@ def run_shape(name, args, ctx):
                     return o + gate.to(dtype).view(b, 1, 1) * p
 
                 full_ms = time_ms(full, reps)
+                record(ctx, f"salad_full_{tag}", "ms_synced", time_ms(full, reps, synced=True))
                 record(ctx, f"salad_full_{tag}", "ms", full_ms, sparsity=round(meas, 2))
                 record(ctx, f"salad_full_{tag}", "extra_mem_x_q", peak_extra_bytes(full) / q_bytes)
                 record(ctx, f"salad_full_{tag}_unfused", "ms", time_ms(full_unfused, reps), sparsity=round(meas, 2))
