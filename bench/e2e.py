@@ -254,6 +254,7 @@ def run(args, ctx):
         gc.collect()
         if cuda:
             torch.cuda.empty_cache()
+            before = torch.cuda.memory_allocated()
         t0 = time.perf_counter()
         # Warm-up: model load, Triton / Inductor compile. Compiled runs warm up with the timed
         # schedule's length: ComfyUI passes sample_sigmas into the model, and a new length is a
@@ -262,6 +263,7 @@ def run(args, ctx):
         warm_s = time.perf_counter() - t0
         if cuda:
             torch.cuda.synchronize()
+            start = torch.cuda.memory_allocated()
             torch.cuda.reset_peak_memory_stats()
         timer = StepTimer(cuda)
         final = sample(patcher, inputs, args.steps, timer)
@@ -271,8 +273,12 @@ def run(args, ctx):
             ctx.setdefault("dense_step_s", {})[ctx.get("compiled", False)] = step_s
         record(ctx, case, "step_s", step_s, warmup_s=round(warm_s, 2), steps=args.steps, **extra)
         if cuda:
-            peak = torch.cuda.max_memory_allocated() / 2**30
-            record(ctx, case, "peak_gib", peak, model_gib=round(ctx["model_gib"], 3))
+            peak = torch.cuda.max_memory_allocated()
+            # resident: what the case's warm-up left allocated (SALAD: its weights); transient:
+            # the timed run's peak above its start. Their sum, less dense's, is the case's extra
+            # memory without whatever earlier cases left behind (e2e_report).
+            record(ctx, case, "peak_gib", peak / 2**30, model_gib=round(ctx["model_gib"], 3),
+                   resident_gib=round((start - before) / 2**30, 6), transient_gib=round((peak - start) / 2**30, 6))
         ref = ctx.get("dense_final", {}).get(ctx.get("compiled", False))
         if is_dense and ref is None:
             ctx.setdefault("dense_final", {})[ctx.get("compiled", False)] = final

@@ -19,9 +19,19 @@ def _by_case(records):
         if r["metric"] == "peak_gib":
             case["model_gib"] = r.get("model_gib")
             case["peak_note"] = r.get("note", "")
+            case["resident_gib"], case["transient_gib"] = r.get("resident_gib"), r.get("transient_gib")
         if r["metric"] in ("not_run", "failed"):
             case["note"] = r.get("note", "")
     return shapes
+
+
+def _extra_gib(case: dict, dense: dict) -> float:
+    """The case's memory above dense: resident growth over its warm-up plus its transient peak,
+    less dense's (records with both parts); else the plain difference of the peaks."""
+    parts = ("resident_gib", "transient_gib")
+    if all(case.get(k) is not None and dense.get(k) is not None for k in parts):
+        return sum(case[k] - dense[k] for k in parts)
+    return case["peak_gib"] - dense["peak_gib"]
 
 
 def write_report(json_path: Path) -> None:
@@ -38,20 +48,21 @@ def write_report(json_path: Path) -> None:
         "(euler/simple, cfg 1: one forward per step). step s = mean per sampling step after a warm-up "
         "sample (CUDA events around every model call); speedup = dense_comfy / case, same run; "
         "attention = SALAD runtime stats (selection + both branches + Proj) or events around the dense "
-        "self-attention call; rel L2 = final latent vs dense, same seed and inputs (random weights: "
-        "a code-path check, not a quality measure).",
+        "self-attention call; extra = (memory the case's warm-up left allocated + the timed run's peak "
+        "above its start) minus dense's, which leaves out what earlier cases left allocated; rel L2 = "
+        "final latent vs dense, same seed and inputs (random weights: a code-path check, not a quality measure).",
         "",
         "| shape | case | step s | speedup | attention ms/step | attention share | peak GiB | extra GiB vs dense (% of model) | rel L2 vs dense | note |",
         "| --- | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | --- |",
     ]
     for shape, cases in shapes.items():
-        dense_peak = cases.get("dense_comfy", {}).get("peak_gib")
+        dense = cases.get("dense_comfy", {})
         for c in cases.values():
             extra = ""
-            if "peak_gib" in c and dense_peak is not None and c["case"] != "dense_comfy":
-                d = c["peak_gib"] - dense_peak
+            if "peak_gib" in c and dense.get("peak_gib") is not None and c["case"] != "dense_comfy":
+                d = _extra_gib(c, dense)
                 model = c.get("model_gib") or 0
-                extra = f"{d:+.2f}" + (f" ({100 * d / model:+.1f}%)" if model else "") + (" *" if c.get("peak_note") else "")
+                extra = f"{d:+.3f}" + (f" ({100 * d / model:+.2f}%)" if model else "") + (" *" if c.get("peak_note") else "")
             fmt = lambda k, f: (f.format(c[k]) if c.get(k) is not None else "")  # noqa: E731
             step = fmt("step_s", "{:.3f}") or ("not run" if "not_run" in c else "failed" if "failed" in c else "")
             lines.append(
