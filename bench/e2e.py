@@ -250,11 +250,19 @@ def run(args, ctx):
     tokens = latent.shape[2] * (latent.shape[3] // 2) * (latent.shape[4] // 2)
     print(f"# {ctx['shape']}: latent {tuple(latent.shape)}, {tokens} tokens, {args.steps} steps", flush=True)
 
-    def measure(case, patcher, note="", is_dense=False):
+    def released() -> int:
+        """Bytes allocated with only the base model loaded: ComfyUI keeps the last sampled
+        clone patched (a SALAD case's modules and weights) until another model loads, so unload
+        it first (--highvram: the base weights stay on the GPU, only patches are undone)."""
+        mm.unload_all_models()
+        gc.collect()
+        torch.cuda.empty_cache()
+        return torch.cuda.memory_allocated()
+
+    def measure(case, patcher, note="", is_dense=False, before=None):
         gc.collect()
         if cuda:
             torch.cuda.empty_cache()
-            before = torch.cuda.memory_allocated()
         t0 = time.perf_counter()
         # Warm-up: model load, Triton / Inductor compile. Compiled runs warm up with the timed
         # schedule's length: ComfyUI passes sample_sigmas into the model, and a new length is a
@@ -274,9 +282,10 @@ def run(args, ctx):
         record(ctx, case, "step_s", step_s, warmup_s=round(warm_s, 2), steps=args.steps, **extra)
         if cuda:
             peak = torch.cuda.max_memory_allocated()
-            # resident: what the case's warm-up left allocated (SALAD: its weights); transient:
-            # the timed run's peak above its start. Their sum, less dense's, is the case's extra
-            # memory without whatever earlier cases left behind (e2e_report).
+            # resident: what making the case and its warm-up left allocated over the released base
+            # model (SALAD: its weights and caches); transient: the timed run's peak above its
+            # start. resident + transient - dense's transient is the case's extra memory, with
+            # nothing earlier cases left behind (e2e_report).
             record(ctx, case, "peak_gib", peak / 2**30, model_gib=round(ctx["model_gib"], 3),
                    resident_gib=round((start - before) / 2**30, 6), transient_gib=round((peak - start) / 2**30, 6))
         ref = ctx.get("dense_final", {}).get(ctx.get("compiled", False))
@@ -305,7 +314,7 @@ def run(args, ctx):
         ctx["compiled"] = flag
         sfx = "_compiled" if flag else ""
         wrap = compiled if flag else (lambda m: m)
-        measure("dense_comfy" + sfx, wrap(base), is_dense=True)
+        measure("dense_comfy" + sfx, wrap(base), is_dense=True, before=released() if cuda else None)
         if cuda and not flag and args.attn_steps:  # attention share of the dense step: one short extra run with events
             timer = DenseAttentionTimer()
             m = base.clone()
@@ -322,8 +331,9 @@ def run(args, ctx):
                 record(ctx, case, "not_run", 0, note=note)
                 continue
             try:
+                before = released() if cuda else None
                 patcher = wrap(make(base))
-                measure(case + sfx, patcher, note)
+                measure(case + sfx, patcher, note, before=before)
                 del patcher
             except Exception as exc:  # one broken case must not lose the rest
                 import traceback

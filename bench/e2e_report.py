@@ -26,11 +26,12 @@ def _by_case(records):
 
 
 def _extra_gib(case: dict, dense: dict) -> float:
-    """The case's memory above dense: resident growth over its warm-up plus its transient peak,
-    less dense's (records with both parts); else the plain difference of the peaks."""
-    parts = ("resident_gib", "transient_gib")
-    if all(case.get(k) is not None and dense.get(k) is not None for k in parts):
-        return sum(case[k] - dense[k] for k in parts)
+    """The case's memory above dense: what it keeps allocated over the base model (resident)
+    plus its transient peak less dense's (records with both parts; dense runs first, so its
+    resident part is the first run's one-off allocations that every later case shares); else
+    the plain difference of the peaks."""
+    if all(d.get(k) is not None for d, k in ((case, "resident_gib"), (case, "transient_gib"), (dense, "transient_gib"))):
+        return case["resident_gib"] + case["transient_gib"] - dense["transient_gib"]
     return case["peak_gib"] - dense["peak_gib"]
 
 
@@ -48,8 +49,9 @@ def write_report(json_path: Path) -> None:
         "(euler/simple, cfg 1: one forward per step). step s = mean per sampling step after a warm-up "
         "sample (CUDA events around every model call); speedup = dense_comfy / case, same run; "
         "attention = SALAD runtime stats (selection + both branches + Proj) or events around the dense "
-        "self-attention call; extra = (memory the case's warm-up left allocated + the timed run's peak "
-        "above its start) minus dense's, which leaves out what earlier cases left allocated; rel L2 = "
+        "self-attention call; extra = memory the case keeps allocated over the released base model "
+        "(SALAD: weights, caches) + its peak above the timed run's start, less dense's peak above its "
+        "start; rel L2 = "
         "final latent vs dense, same seed and inputs (random weights: a code-path check, not a quality measure).",
         "",
         "| shape | case | step s | speedup | attention ms/step | attention share | peak GiB | extra GiB vs dense (% of model) | rel L2 vs dense | note |",
