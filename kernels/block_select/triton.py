@@ -1,7 +1,8 @@
 """Triton block selection: Top-K (pool + score + top-k, no [N, N] tensor) and the ST-SWA block
 index. Loaded only through the registry, so importing Triton happens on first use.
 
-Top-K runs in two launches:
+Top-K runs in two launches (the first is skipped when the linear-state pass pooled already:
+``select_topk_pooled_triton``, fed by ``linear_attn.triton.linear_state_pooled_triton``):
 1. ``_pool_kernel``: mean-pools q and k blocks into fp32 [B, H, nb, D] (q) and [B, H, D, nb]
    (k, transposed so the scoring kernel reads it coalesced).
 2. ``_topk_kernel``: per (batch, head, tile of BQ query blocks) scores the whole key-block row in

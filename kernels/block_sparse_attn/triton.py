@@ -9,7 +9,8 @@ q/k/v rows through ``token_order`` and scatters output rows back, so no permuted
 tensors is made (``ORDER_MODE = "permute"`` makes explicit copies instead; benchmarks only).
 
 ``salad_attention_triton`` is the whole SALAD combine for inference: this kernel (with the gated
-Proj bias in its epilogue), the linear branch in row chunks, and Proj accumulated in place.
+Proj bias in its epilogue), then the linear branch's features in row chunks, each multiplied by
+the Proj-folded state straight into the output.
 """
 
 from __future__ import annotations
@@ -35,8 +36,8 @@ def interpreting() -> bool:
 NUM_WARPS = {16: 4, 32: 4, 64: 4, 128: 8}
 NUM_STAGES = 3
 
-# Rows of the linear branch made (and projected) at a time in salad_attention_triton: its
-# buffer is this many rows instead of a second full-size output (1.3B: 2 chunks, 14B: 5).
+# Rows of linear-branch features made (and multiplied into O) at a time in salad_attention_triton:
+# its buffer is this many rows instead of a second full-size output (1.3B: 2 chunks, 14B: 5).
 PROJ_CHUNK_ROWS = 16384
 
 # Load K/V tiles through TMA descriptors when rows are not gathered (H100, 90 %: topk 1.69 ->

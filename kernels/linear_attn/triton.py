@@ -7,7 +7,7 @@
    of a separate pooling kernel) are tensor-core products with a ones tile.
 2. ``_apply_kernel``: per query tile, relu(q) S / (relu(q) z + eps). The fp32 state is split
    into hi + lo 16-bit halves (``linear_prepare``), so two tensor-core products keep ~16
-   mantissa bits; optional per-sample ``out_scale`` (e.g. the SALAD gate) fused into the store.
+   mantissa bits (the standalone linear op, ``salad::linear_attention``).
    (v1 used a 3xTF32 fp32 product: 0.82 ms at the 1.3B shape, register-bound.)
 3. ``_features_kernel`` + ``linear_fold_projection`` (the fused SALAD op): Alg. 1 projects the
    head-merged linear output, O_l W^T = sum_h relu(q_h) (S_h W_h^T) / den_h, so the projection
@@ -88,11 +88,10 @@ def _state_kernel(
 
 @triton.jit
 def _apply_kernel(
-    Q, SHI, SLO, Z, EPS, O, SCALE,
+    Q, SHI, SLO, Z, EPS, O,
     sqb, sqh, sqn, sob, soh, son,
     H, N,
-    BM: tl.constexpr, D: tl.constexpr, DV: tl.constexpr, HAS_SCALE: tl.constexpr,
-    DOT_F32: tl.constexpr,
+    BM: tl.constexpr, D: tl.constexpr, DV: tl.constexpr, DOT_F32: tl.constexpr,
 ):
     pid = tl.program_id(0)
     bh = tl.program_id(1)
@@ -103,7 +102,7 @@ def _apply_kernel(
     offs_d = tl.arange(0, D)
     offs_dv = tl.arange(0, DV)
     q = tl.load(Q + b * sqb + h * sqh + rows[:, None] * sqn + offs_d[None, :], mask=ok[:, None], other=0.0)
-    # relu(q) S / (relu(q) z + eps) [* scale[b]] (paper eq. 3), S = hi + lo (linear_prepare)
+    # relu(q) S / (relu(q) z + eps) (paper eq. 3), S = hi + lo (linear_prepare)
     fq = tl.maximum(q, 0.0).to(q.dtype)  # relu is exact in q's dtype
     s_off = bh * D * DV + offs_d[:, None] * DV + offs_dv[None, :]
     hi = tl.load(SHI + s_off)
@@ -115,8 +114,6 @@ def _apply_kernel(
     z = tl.load(Z + bh * D + offs_d)
     den = tl.sum(fq.to(tl.float32) * z[None, :], 1) + tl.load(EPS + bh)
     out = num / den[:, None]
-    if HAS_SCALE:
-        out = out * tl.load(SCALE + b).to(tl.float32)
     tl.store(O + b * sob + h * soh + rows[:, None] * son + offs_dv[None, :],
              cast_out(out, O.dtype.element_ty, DOT_F32), mask=ok[:, None])
 
@@ -211,29 +208,20 @@ def _launch_state(q, k, v, block_size):
     return parts.sum(0), z_parts.sum(0), (qp if pool else None), (kpt if pool else None)
 
 
-def linear_apply_triton(q, state, z, eps=DEFAULT_EPS, out_scale: torch.Tensor | None = None):
-    """relu(q) S / (relu(q) z + eps), times ``out_scale`` (fp32 [B], optional) per sample."""
-    return linear_apply_prepared(q, linear_prepare(state, z, eps, q.dtype), out_scale)
-
-
-def linear_apply_prepared(q, prepared, out_scale: torch.Tensor | None = None):
-    """linear_apply_triton with the state already split by ``linear_prepare`` (callers that
-    apply one state to several row ranges split it once)."""
+def linear_apply_triton(q, state, z, eps=DEFAULT_EPS):
+    """relu(q) S / (relu(q) z + eps) in q's dtype and layout (S, z from linear_state_triton)."""
     b, h, n, d = q.shape
     q = rowmajor(q)
-    hi, lo, zn, epsn = prepared
+    hi, lo, zn, epsn = linear_prepare(state, z, eps, q.dtype)
     dv = hi.shape[-1]
     out = out_like(q, dv)
     if POISON_OUTPUTS:
         out.fill_(float("nan"))
-    if out_scale is not None:
-        out_scale = out_scale.to(torch.float32).contiguous()
     bm = 64
     _apply_kernel[(triton.cdiv(n, bm), b * h)](
-        q, hi, lo, zn, epsn, out, out_scale if out_scale is not None else zn,
+        q, hi, lo, zn, epsn, out,
         q.stride(0), q.stride(1), q.stride(2), out.stride(0), out.stride(1), out.stride(2),
-        h, n, BM=bm, D=d, DV=dv, HAS_SCALE=out_scale is not None, DOT_F32=interpreting(),
-        num_warps=4, num_stages=2,
+        h, n, BM=bm, D=d, DV=dv, DOT_F32=interpreting(), num_warps=4, num_stages=2,
     )
     return out
 
