@@ -58,10 +58,11 @@ def write_report(json_path: Path) -> None:
         "| --- | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | --- |",
     ]
     for shape, cases in shapes.items():
-        dense = cases.get("dense_comfy", {})
         for c in cases.values():
             extra = ""
-            if "peak_gib" in c and dense.get("peak_gib") is not None and c["case"] != "dense_comfy":
+            # Each case against dense run the same way (compiled rows against compiled dense).
+            dense = cases.get("dense_comfy" + ("_compiled" if c["case"].endswith("_compiled") else ""), {})
+            if "peak_gib" in c and dense.get("peak_gib") is not None and not c["case"].startswith("dense_comfy"):
                 d = _extra_gib(c, dense)
                 model = c.get("model_gib") or 0
                 extra = f"{d:+.3f}" + (f" ({100 * d / model:+.2f}%)" if model else "") + (" *" if c.get("peak_note") else "")

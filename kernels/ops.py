@@ -191,6 +191,11 @@ def linear_state_pooled(
     (S = sum_j relu(k_j)^T v_j fp32 [B, H, D, Dv], z = sum_j relu(k_j) fp32 [B, H, D],
     mean-pooled q fp32 [B, H, nb, D], mean-pooled k transposed fp32 [B, H, D, nb]).
     Feed the pooled blocks to ``select_topk_pooled`` and (S, z) to ``salad_attention``."""
+    if q.shape != k.shape or k.shape[:3] != v.shape[:3]:
+        raise ValueError(
+            f"Expected q and k of one shape and v with their [B, H, N], got {tuple(q.shape)}, "
+            f"{tuple(k.shape)} and {tuple(v.shape)}. Try the q, k, v of one attention call."
+        )
     return _linear_state_pooled_op(q, k, v, int(block_size), backend)
 
 
@@ -269,6 +274,11 @@ def salad_attention(
             raise ValueError(
                 f"Expected linear state S {want} and z {want[:3]}, got {tuple(state.shape)} and "
                 f"{tuple(z.shape)}. Try linear_state_pooled(q, k, v, ...) on these q, k, v."
+            )
+        if {state.dtype, z.dtype} != {torch.float32} or state.device != q.device or z.device != q.device:
+            raise ValueError(
+                f"Expected an fp32 linear state on {q.device}, got S {state.dtype} on {state.device} "
+                f"and z {z.dtype} on {z.device}. Try linear_state_pooled(q, k, v, ...) as it returns them."
             )
     scale = q.shape[-1] ** -0.5 if scale is None else float(scale)
     return _salad_attention_op(

@@ -19,7 +19,8 @@ class StepRecord:
     stay alive for the whole run, so they count towards its peak memory)."""
 
     step: int | None
-    gates: torch.Tensor | None = None  # fp32 [layers, B], NaN where the branch did not run
+    gates: torch.Tensor | None = None  # fp32 [layers, B]; rows of layers not in ``ran`` unset
+    ran: set[int] = field(default_factory=set)  # layers whose branch ran (host-side, no sync)
     kept: torch.Tensor | None = None  # kept token pairs, summed over the step's layer calls
     total: float = 0.0  # all token pairs of those calls
     timings: list = field(default_factory=list)  # (start, end) events or seconds
@@ -84,8 +85,10 @@ class SaladStats:
         if gate is not None:
             if rec.gates is None or rec.gates.shape[1] != gate.shape[0]:
                 # (A step's later call with another batch size rewrites every layer it runs.)
-                rec.gates = gate.new_full((self.num_layers, gate.shape[0]), float("nan"), dtype=torch.float32)
+                rec.gates = gate.new_zeros((self.num_layers, gate.shape[0]), dtype=torch.float32)
+                rec.ran = set()
             rec.gates[layer].copy_(gate.detach())
+            rec.ran.add(layer)
         kept = selection.kept_token_pairs()
         rec.kept = kept if rec.kept is None else rec.kept.add_(kept)
         b, h = selection.kv_counts.shape[:2]
@@ -97,7 +100,7 @@ class SaladStats:
         for rec in self._steps:
             steps.append(rec.step)
             means = [None] * self.num_layers if rec.gates is None else rec.gates.mean(1).tolist()
-            gates.append([None if m != m else m for m in means])  # NaN: the branch did not run
+            gates.append([m if layer in rec.ran else None for layer, m in enumerate(means)])
             kept += 0.0 if rec.kept is None else float(rec.kept)
             total += rec.total
             times.append(_elapsed_ms(rec.timings))

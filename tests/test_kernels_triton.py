@@ -211,8 +211,9 @@ def test_salad_attention_op_cpu(chunk_rows, order_mode, monkeypatch):
 @cpu_only
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=["bf16", "fp16"])
 def test_linear_features_and_folded_projection_cpu(dtype):
-    """The fused op's linear branch: features relu(q) / den * c from the kernel (a row range of
-    a Wan-layout q, partial last tile) times the Proj-folded state == c * O_l W^T in fp64."""
+    """The fused op's linear branch: features relu(q_d) z_d / den * c from the kernel (a row
+    range of a Wan-layout q, partial last tile; B = 2 so the fold is batched) times the
+    Proj-folded state == c * O_l W^T in fp64."""
     from kernels.linear_attn.triton import linear_features_triton, linear_fold_projection, linear_state_triton
 
     b, h, n, d = 2, 3, 150, 64
@@ -221,14 +222,13 @@ def test_linear_features_and_folded_projection_cpu(dtype):
     w = (torch.randn(h * d, h * d, generator=g) * (h * d) ** -0.5).to(dtype)
     coeff = torch.rand(b, generator=g) + 0.25
     state, z = linear_state_triton(k, v)
-    folded, zn, epsn = linear_fold_projection(state, z, 1e-6, w, dtype)
+    folded = linear_fold_projection(state, z, w, dtype)
     rows = slice(37, n)
-    feats = linear_features_triton(q[:, :, rows], zn, epsn, coeff)
+    feats = linear_features_triton(q[:, :, rows], z, 1e-6, coeff)
     assert feats.shape == (b, n - 37, h * d) and feats.dtype == dtype and not feats.isnan().any()
 
-    fq = q[:, :, rows].double().clamp_min(0)
-    den = fq @ zn.double().unsqueeze(-1) + epsn.double()[..., None, None]
-    want = (fq / den * coeff.double().view(b, 1, 1, 1)).transpose(1, 2).reshape(b, n - 37, h * d)
+    wq = q[:, :, rows].double().clamp_min(0) * z.double()[:, :, None, :]
+    want = (wq / (wq.sum(-1, keepdim=True) + 1e-6) * coeff.double().view(b, 1, 1, 1)).transpose(1, 2).reshape(b, n - 37, h * d)
     same_precision = want.to(dtype)  # what a torch computation in q's dtype would store
     assert rel(feats, want) <= 2 * rel(same_precision, want) + 1e-6, (rel(feats, want), rel(same_precision, want))
 
@@ -238,6 +238,22 @@ def test_linear_features_and_folded_projection_cpu(dtype):
     unfolded = torch.stack([o_l.to(dtype).transpose(1, 2).reshape(b, n - 37, h * d)[i].float() @ w.float().t() for i in range(b)])
     base = unfolded * coeff.view(b, 1, 1)  # the unfolded path: O_l rounded to dtype, then Proj
     assert rel(got, ref) <= 2 * rel(base, ref) + 1e-6, (rel(got, ref), rel(base, ref))
+
+
+@cpu_only
+def test_salad_attention_fp16_stays_finite_when_a_key_channel_is_never_positive():
+    """fp16: a head whose k channel 0 is never positive (z_0 = 0) and whose q is positive only
+    there, with large v: the features must not overflow (an earlier fold scaled them by max|S|
+    and turned such rows into inf * 0 = NaN); the op matches the fp64 reference."""
+    b, h, n, d = 1, 2, 64, 32
+    q, k, v = wan_qkv(b, h, n, d, torch.float32, "cpu", seed=8)
+    k[:, 0, :, 0] = -1.0
+    q[:, 0] = -q[:, 0].abs()
+    q[:, 0, :, 0] = 2.0
+    v = v * 50
+    q, k, v = (t.to(torch.float16) for t in (q, k, v))
+    sel = kernels.select_topk_blocks(q, k, 16, 2, backend="torch")
+    check_salad(q, k, v, sel, seed=3)
 
 
 @cpu_only
@@ -267,7 +283,6 @@ def test_linear_state_pooled_cpu(n, bs, dtype, monkeypatch):
 
 
 def test_select_topk_pooled_rejects_mismatched_blocks():
-    q, k, _ = wan_qkv(1, 2, 40, 16, torch.float32, "cpu", seed=0)
     qp = torch.zeros(1, 2, 3, 16)
     with pytest.raises(ValueError, match=r"Expected pooled q \[B, H, 2, D\]"):
         kernels.select_topk_pooled(qp, torch.zeros(1, 2, 16, 3), 32, 1, 40, backend="torch")
@@ -275,18 +290,29 @@ def test_select_topk_pooled_rejects_mismatched_blocks():
 
 @cpu_only
 def test_salad_attention_takes_a_precomputed_state():
-    """salad_attention with (S, z) handed in == the same op making them itself, both backends;
-    a state of the wrong shape is refused."""
+    """salad_attention with (S, z) handed in uses them: with another pair of k, v's state it
+    equals the op run on those k, v for the linear branch (both backends); the pooled pass's
+    state gives the op's own result; a state of the wrong shape or dtype is refused."""
     q, k, v = wan_qkv(2, 2, 120, 64, torch.bfloat16, "cpu", seed=4)
+    _, k2, v2 = wan_qkv(2, 2, 120, 64, torch.bfloat16, "cpu", seed=5)
     sel = kernels.select_topk_blocks(q, k, 16, 3, backend="torch")
     w = (torch.randn(128, 128, generator=torch.Generator().manual_seed(1)) * 0.1).to(torch.bfloat16)
     for backend in ("torch", "triton"):
         state, z, _, _ = kernels.linear_state_pooled(q, k, v, 16, backend=backend)
-        got = kernels.salad_attention(q, k, v, sel, w, backend=backend, linear_state=(state, z))
-        want = kernels.salad_attention(q, k, v, sel, w, backend=backend)
-        assert torch.equal(got, want), backend
+        own = kernels.salad_attention(q, k, v, sel, w, backend=backend, linear_state=(state, z))
+        assert torch.equal(own, kernels.salad_attention(q, k, v, sel, w, backend=backend)), backend
+        state2, z2, _, _ = kernels.linear_state_pooled(q, k2, v2, 16, backend=backend)
+        got = kernels.salad_attention(q, k, v, sel, w, backend=backend, linear_state=(state2, z2))
+        # O_s(k, v) + Proj(O_l(k2, v2)) = O_s(k, v) + [full(k2, v2) - O_s(k2, v2)]: built from ops
+        sparse = kernels.block_sparse_attention(q, k, v, sel, backend="torch")[0].float()
+        sparse2 = kernels.block_sparse_attention(q, k2, v2, sel, backend="torch")[0].float()
+        other = kernels.salad_attention(q, k2, v2, sel, w, backend="torch").float()
+        want = sparse + other - sparse2
+        assert rel(got, want) < 2e-2 and rel(got, own) > 5e-2, (backend, rel(got, want), rel(got, own))
     with pytest.raises(ValueError, match=r"Expected linear state S \(2, 2, 64, 64\)"):
         kernels.salad_attention(q, k, v, sel, w, backend="torch", linear_state=(state[:1], z))
+    with pytest.raises(ValueError, match=r"Expected an fp32 linear state"):
+        kernels.salad_attention(q, k, v, sel, w, backend="torch", linear_state=(state.half(), z))
 
 
 def test_salad_attention_op_rejects_bad_proj():

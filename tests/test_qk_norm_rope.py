@@ -216,7 +216,7 @@ def test_cuda_backward_wan_shape_matches_fp64_reference():
 
 @pytest.mark.parametrize("live", [True, False])
 def test_fused_hot_path_equals_reference_salad_attention(live):
-    """salad_attention_fused (one salad::salad_attention kernel, Proj accumulated in place) ==
+    """salad_attention_fused (one salad::salad_attention op, Proj folded into the linear state) ==
     salad_attention (the readable reference) for a live branch and for a dropped one."""
     import kernels
     from salad_core.attention import SaladBranch, salad_attention, salad_attention_fused

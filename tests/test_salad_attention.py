@@ -291,8 +291,10 @@ def test_stats_record_gates_and_sparsity_per_step():
     stats.record_layer(0, sel, torch.tensor([0.1, 0.3]))
     stats.begin_call(1, dense=False)  # the step's second call (e.g. uncond), another batch size
     stats.record_layer(0, sel, torch.tensor([0.5]))
+    stats.record_layer(1, sel, torch.tensor([float("nan")]))  # a diverged gate shows as NaN, not "not run"
     stats.begin_call(2, dense=True)
     s = stats.summary()
     assert s.steps == [0, 1] and s.dense_steps == 1
-    assert s.gates[0] == pytest.approx([0.3, None, 0.8]) and s.gates[1] == pytest.approx([0.5, None, None])
-    assert s.sparsity == pytest.approx(1 - kept / (2 * n * n))
+    assert s.gates[0] == pytest.approx([0.3, None, 0.8])
+    assert s.gates[1][0] == pytest.approx(0.5) and math.isnan(s.gates[1][1]) and s.gates[1][2] is None
+    assert s.sparsity == pytest.approx(1 - kept / (2 * n * n))  # every call used this selection

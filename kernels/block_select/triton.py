@@ -215,7 +215,7 @@ def select_topk_pooled_triton(
     transposed [B, H, D, nb], e.g. from the linear-state kernel)."""
     b, h, nb, d = qp.shape
     k_eff = max(1, min(int(topk), nb))
-    qp, kpt = qp.contiguous(), kpt.contiguous()
+    qp, kpt = (t.to(torch.float32).contiguous() for t in (qp, kpt))  # the scores are fp32 FMA
     if TOPK_IMPL == "torch" or nb > TOPK_TRITON_MAX_BLOCKS:
         # Block-level scores [nb, nb] (never token-level) through cuBLAS fp32, torch.topk, sort.
         scores = qp @ kpt

@@ -276,9 +276,10 @@ def salad_attention_triton(
 ) -> torch.Tensor:
     """Same contract as fused.salad_attention_torch: O_s + c * (O_l W^T + b) per head-merged
     row (Alg. 1), in q's layout. The sparse kernel adds c * b in its epilogue; Proj is folded
-    into the linear state (``linear_fold_projection``), and the features relu(q) / den * c are
-    made PROJ_CHUNK_ROWS rows at a time and multiplied straight into the sparse output (cuBLAS
-    beta = 1), so the only full-size buffer is the output itself."""
+    into the linear state (``linear_fold_projection``: B x C x C), and the features (times c)
+    are made PROJ_CHUNK_ROWS rows at a time and multiplied straight into the sparse output
+    (cuBLAS beta = 1): besides the output, the buffers are one feature chunk, the folded Proj
+    and the state's per-split partials."""
     from ..linear_attn.triton import linear_features_triton, linear_fold_projection, linear_state_triton
 
     _check(q, k, v, selection)
@@ -290,14 +291,13 @@ def salad_attention_triton(
         coeff = torch.ones(b, device=q.device) if linear_scale is None else linear_scale
         out_bias = (coeff.float()[:, None] * proj_bias.float()[None, :]).contiguous()
     state, z = linear_state_triton(k, v) if linear_state is None else linear_state
-    folded, zn, epsn = linear_fold_projection(state, z, eps, proj_weight, q.dtype)
-    del state
+    folded = linear_fold_projection(state, z, proj_weight, q.dtype)
     out, _ = block_sparse_attention_triton(q, k, v, selection, scale, out_bias)
     rows_view = out.transpose(1, 2)  # [B, N, H, DV]
     merged = rows_view.view(b, n, h * dv) if rows_view.is_contiguous() else None
     for r0 in range(0, n, PROJ_CHUNK_ROWS):
         r1 = min(n, r0 + PROJ_CHUNK_ROWS)
-        feats = linear_features_triton(q[:, :, r0:r1], zn, epsn, linear_scale)  # [B, rows, H * D]
+        feats = linear_features_triton(q[:, :, r0:r1], z, eps, linear_scale)  # [B, rows, H * D]
         for i in range(b):
             if merged is not None:
                 merged[i, r0:r1].addmm_(feats[i], folded[i])

@@ -11,8 +11,9 @@
    (v1 used a 3xTF32 fp32 product: 0.82 ms at the 1.3B shape, register-bound.)
 3. ``_features_kernel`` + ``linear_fold_projection`` (the fused SALAD op): Alg. 1 projects the
    head-merged linear output, O_l W^T = sum_h relu(q_h) (S_h W_h^T) / den_h, so the projection
-   is folded into the state (S_h W_h^T, [D, C] per head) and each row only needs its features
-   relu(q_h) / den_h: one bandwidth pass over q and one GEMM, no apply products.
+   is folded into the state ((S_hd / z_hd) W_h^T per head row d) and each row only needs its
+   features relu(q_hd) z_hd / den_h in [0, 1]: one bandwidth pass over q and one GEMM, no apply
+   products.
 (An apply step in the sparse kernel's epilogue was slower: register pressure in its main loop.)
 """
 
@@ -37,13 +38,23 @@ POISON_OUTPUTS = False
 
 
 @triton.jit
-def _column_sums(x, ones, DOT_F32: tl.constexpr):
+def _dot(a, b, DOT_F32: tl.constexpr, IEEE: tl.constexpr):
+    """a @ b, fp32 accumulate. DOT_F32: the CPU interpreter multiplies bf16 as raw uint16, so
+    operands are upcast there only; IEEE: fp32 operands (an fp32 model) multiply in full fp32,
+    not TF32."""
+    if DOT_F32:
+        return tl.dot(a.to(tl.float32), b.to(tl.float32))
+    if IEEE:
+        return tl.dot(a, b, input_precision="ieee")
+    return tl.dot(a, b)
+
+
+@triton.jit
+def _column_sums(x, ones, DOT_F32: tl.constexpr, IEEE: tl.constexpr):
     """fp32 sums over the rows of x [BN, D] as a tensor-core product with ones [BN, 16] (every
     column of the product is the same exact sum; max picks one): a plain tl.sum over rows
     costs ~30 % of the state kernel at 1.3B in layout shuffles."""
-    if DOT_F32:  # the CPU interpreter multiplies bf16 as raw uint16: upcast there only
-        return tl.max(tl.dot(tl.trans(x.to(tl.float32)), ones.to(tl.float32)), 1)
-    return tl.max(tl.dot(tl.trans(x), ones), 1)
+    return tl.max(_dot(tl.trans(x), ones, DOT_F32, IEEE), 1)
 
 
 @triton.jit
@@ -51,11 +62,12 @@ def _state_kernel(
     Q, K, V, SP, ZP, QP, KPT,
     sqb, sqh, sqn, skb, skh, skn, svb, svh, svn,
     H, N, NB, ROWS,
-    BN: tl.constexpr, D: tl.constexpr, DV: tl.constexpr, POOL: tl.constexpr, DOT_F32: tl.constexpr,
+    BN: tl.constexpr, D: tl.constexpr, DV: tl.constexpr, POOL: tl.constexpr,
+    DOT_F32: tl.constexpr, IEEE: tl.constexpr,
 ):
     split = tl.program_id(0)
     bh = tl.program_id(1)
-    b = bh // H
+    b = (bh // H).to(tl.int64)  # int64 offsets: B * N * C can pass 2^31
     h = bh % H
     offs_n = tl.arange(0, BN)
     offs_d = tl.arange(0, D)
@@ -70,17 +82,14 @@ def _state_kernel(
         k = tl.load(K + b * skb + h * skh + rows[:, None] * skn + offs_d[None, :], mask=ok[:, None], other=0.0)
         fk = tl.maximum(k, 0.0).to(V.dtype.element_ty)
         v = tl.load(V + b * svb + h * svh + rows[:, None] * svn + offs_dv[None, :], mask=ok[:, None], other=0.0)
-        if DOT_F32:
-            acc += tl.dot(tl.trans(fk.to(tl.float32)), v.to(tl.float32))
-        else:
-            acc += tl.dot(tl.trans(fk), v)
-        zacc += _column_sums(fk, ones, DOT_F32)
+        acc += _dot(tl.trans(fk), v, DOT_F32, IEEE)
+        zacc += _column_sums(fk, ones, DOT_F32, IEEE)
         if POOL:  # BN = the selection's block size and ROWS a multiple of it: one block a step
             blk = r // BN
             count = tl.minimum(N - r, BN).to(tl.float32)
-            tl.store(KPT + bh * D * NB + offs_d * NB + blk, _column_sums(k, ones, DOT_F32) / count)
+            tl.store(KPT + bh * D * NB + offs_d * NB + blk, _column_sums(k, ones, DOT_F32, IEEE) / count)
             q = tl.load(Q + b * sqb + h * sqh + rows[:, None] * sqn + offs_d[None, :], mask=ok[:, None], other=0.0)
-            tl.store(QP + (bh * NB + blk) * D + offs_d, _column_sums(q, ones, DOT_F32) / count)
+            tl.store(QP + (bh * NB + blk) * D + offs_d, _column_sums(q, ones, DOT_F32, IEEE) / count)
     part = split * tl.num_programs(1) + bh
     tl.store(SP + part * D * DV + offs_d[:, None] * DV + offs_dv[None, :], acc)
     tl.store(ZP + part * D + offs_d, zacc)
@@ -95,7 +104,7 @@ def _apply_kernel(
 ):
     pid = tl.program_id(0)
     bh = tl.program_id(1)
-    b = bh // H
+    b = (bh // H).to(tl.int64)
     h = bh % H
     rows = pid * BM + tl.arange(0, BM)
     ok = rows < N
@@ -120,26 +129,27 @@ def _apply_kernel(
 
 @triton.jit
 def _features_kernel(
-    Q, ZN, EPSN, F, SCALE,
+    Q, Z, F, SCALE,
     sqb, sqh, sqn, sfb, sfn,
-    H, N,
+    H, N, eps,
     BM: tl.constexpr, D: tl.constexpr, HAS_SCALE: tl.constexpr, EMULATE_RNE: tl.constexpr,
 ):
     pid = tl.program_id(0)
     bh = tl.program_id(1)
-    b = bh // H
+    b = (bh // H).to(tl.int64)
     h = bh % H
     rows = pid * BM + tl.arange(0, BM)
     ok = rows < N
     offs_d = tl.arange(0, D)
     q = tl.load(Q + b * sqb + h * sqh + rows[:, None] * sqn + offs_d[None, :], mask=ok[:, None], other=0.0)
-    fq = tl.maximum(q.to(tl.float32), 0.0)
-    # relu(q) / (relu(q) z + eps) [* scale[b]]: eq. 3 without its state product
-    inv = 1.0 / (tl.sum(fq * tl.load(ZN + bh * D + offs_d)[None, :], 1) + tl.load(EPSN + bh))
+    # relu(q_d) z_d / (relu(q) z + eps) [* scale[b]]: eq. 3's weights on the rows S_d / z_d of the
+    # folded state; each lies in [0, 1], so no dtype can overflow.
+    w = tl.maximum(q.to(tl.float32), 0.0) * tl.load(Z + bh * D + offs_d)[None, :]
+    inv = 1.0 / (tl.sum(w, 1) + eps)
     if HAS_SCALE:
         inv = inv * tl.load(SCALE + b)
     tl.store(F + b * sfb + rows[:, None] * sfn + h * D + offs_d[None, :],
-             cast_out(fq * inv[:, None], F.dtype.element_ty, EMULATE_RNE), mask=ok[:, None])
+             cast_out(w * inv[:, None], F.dtype.element_ty, EMULATE_RNE), mask=ok[:, None])
 
 
 def linear_prepare(state: torch.Tensor, z: torch.Tensor, eps: float, dtype: torch.dtype):
@@ -198,12 +208,14 @@ def _launch_state(q, k, v, block_size):
     else:
         q, qp, kpt, nb = k, parts, parts, 1  # unused by the POOL=False kernel
         bn = 64 if n >= 64 else 16
+    if STATE_ROWS % bn:  # a split must hold whole row tiles (and whole blocks when pooling)
+        raise ValueError(f"Expected STATE_ROWS a multiple of {bn}, got {STATE_ROWS}. Try a power of two >= 128.")
     _state_kernel[(splits, b * h)](
         q, k, v, parts, z_parts, qp, kpt,
         q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), k.stride(2),
         v.stride(0), v.stride(1), v.stride(2),
         h, n, nb, STATE_ROWS, BN=bn, D=d, DV=dv, POOL=pool, DOT_F32=interpreting(),
-        num_warps=4, num_stages=2 if pool else 3,
+        IEEE=v.dtype == torch.float32, num_warps=4, num_stages=2 if pool else 3,
     )
     return parts.sum(0), z_parts.sum(0), (qp if pool else None), (kpt if pool else None)
 
@@ -226,28 +238,28 @@ def linear_apply_triton(q, state, z, eps=DEFAULT_EPS):
     return out
 
 
-def linear_fold_projection(state: torch.Tensor, z: torch.Tensor, eps: float, proj_weight: torch.Tensor, dtype: torch.dtype):
-    """Proj folded into the state (Alg. 1's O_l W^T = sum_h relu(q_h) (S_h W_h^T) / den_h).
+def linear_fold_projection(state: torch.Tensor, z: torch.Tensor, proj_weight: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """Proj folded into the state (Alg. 1): O_l W^T = sum_h sum_d f_hd (S_hd / z_hd) W_h^T with
+    the features f_hd = relu(q_hd) z_hd / (relu(q_h) z_h + eps) of ``linear_features_triton``.
 
-    S, z and eps are divided by c = max|S| per head first (as in ``linear_prepare``: the
-    ratio is unchanged and fp16 cannot overflow). The fold is one 16-bit batched product
-    straight on W's head columns (a strided view): S/c is rounded to ``dtype`` like W'
-    itself, which keeps the op's error below the unfolded path's (tests), while an fp32 fold
-    (W copied to fp32 and permuted) took 0.10 ms a layer at 1.3B. Returns (W' [B, H * D, C_out]
-    in ``dtype``, row h * D + d = (S_h / c) W_h^T; z/c fp32 [B, H, D]; eps/c fp32 [B, H])."""
+    Row d of S divided by z_d is a weighted mean of v rows (0 where z_d = 0, as S_d is then), so
+    the folded rows are bounded by |v| |W| in any dtype, and the features lie in [0, 1]. The fold
+    is one 16-bit batched product straight on W's head columns (a strided view, no copy of W);
+    an fp32 fold (W cast and permuted) took 0.10 ms a layer at 1.3B. Returns W' [B, H * D, C_out]
+    in ``dtype``, row h * D + d = (S_hd / z_hd) W_h^T."""
     b, h, d, dv = state.shape
-    c = state.abs().amax(dim=(-2, -1)).clamp_min(1e-30)
-    sn = (state / c[..., None, None]).to(dtype)
+    rows = torch.where(z[..., None] > 0, state / z[..., None].clamp_min(1e-30), 0.0).to(dtype)
     w_heads = proj_weight.to(dtype).view(proj_weight.shape[0], h, dv).permute(1, 2, 0)  # [H, Dv, C_out]
-    folded = torch.matmul(sn, w_heads).view(b, h * d, -1)  # [B, H, D, C_out]: W broadcast over B
-    return folded, (z / c[..., None]).contiguous(), (eps / c).contiguous()
+    folded = torch.matmul(rows.transpose(0, 1).reshape(h, b * d, dv), w_heads)  # [H, B * D, C_out]
+    return folded.view(h, b, d, -1).transpose(0, 1).reshape(b, h * d, -1)
 
 
-def linear_features_triton(q: torch.Tensor, zn: torch.Tensor, epsn: torch.Tensor, out_scale: torch.Tensor | None = None):
-    """Head-merged rows relu(q_h) / (relu(q_h) zn_h + epsn_h) [* out_scale[b]]: [B, N, H * D]
-    contiguous in q's dtype (zn, epsn from ``linear_fold_projection``)."""
+def linear_features_triton(q: torch.Tensor, z: torch.Tensor, eps: float, out_scale: torch.Tensor | None = None):
+    """Head-merged rows relu(q_hd) z_hd / (relu(q_h) z_h + eps) [* out_scale[b]]: [B, N, H * D]
+    contiguous in q's dtype (z fp32 [B, H, D]; see ``linear_fold_projection``)."""
     b, h, n, d = q.shape
     q = rowmajor(q)
+    z = z.to(torch.float32).contiguous()
     f = torch.empty(b, n, h * d, device=q.device, dtype=q.dtype)
     if POISON_OUTPUTS:
         f.fill_(float("nan"))
@@ -255,9 +267,9 @@ def linear_features_triton(q: torch.Tensor, zn: torch.Tensor, epsn: torch.Tensor
         out_scale = out_scale.to(torch.float32).contiguous()
     bm = 64
     _features_kernel[(triton.cdiv(n, bm), b * h)](
-        q, zn, epsn, f, out_scale if out_scale is not None else zn,
+        q, z, f, out_scale if out_scale is not None else z,
         q.stride(0), q.stride(1), q.stride(2), f.stride(0), f.stride(1),
-        h, n, BM=bm, D=d, HAS_SCALE=out_scale is not None, EMULATE_RNE=interpreting(), num_warps=4,
+        h, n, float(eps), BM=bm, D=d, HAS_SCALE=out_scale is not None, EMULATE_RNE=interpreting(), num_warps=4,
     )
     return f
 
