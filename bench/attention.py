@@ -27,7 +27,6 @@ import datetime
 import json
 import os
 import statistics
-import subprocess
 import sys
 from pathlib import Path
 
@@ -36,6 +35,7 @@ import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from bench.provenance import git_sha  # noqa: E402
 import kernels  # noqa: E402
 from kernels.block_sparse_attn import triton as bsa_triton  # noqa: E402
 from kernels.block_sparse_attn.flex import block_mask_from_selection, flex_call  # noqa: E402
@@ -49,15 +49,6 @@ SHAPES = {
 }
 BLOCK = 64
 RECORDS: list[dict] = []
-
-
-def git_sha() -> str:
-    if os.environ.get("GIT_SHA"):  # set by the caller where the checkout's HEAD is stale
-        return os.environ["GIT_SHA"]
-    try:
-        return subprocess.check_output(["git", "rev-parse", "HEAD"], text=True, stderr=subprocess.DEVNULL).strip()
-    except Exception:
-        return os.environ.get("GIT_SHA", "unknown")
 
 
 def time_ms(fn, reps: int, warmup: int = 5, synced: bool = False) -> float:

@@ -23,7 +23,6 @@ import gc
 import json
 import os
 import random
-import subprocess
 import sys
 import time
 from pathlib import Path
@@ -32,6 +31,7 @@ import torch
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
+from bench.provenance import git_sha  # noqa: E402
 
 SHAPES = {  # model -> (WanShape preset, shape tag, (frames, height, width) in pixels)
     "1.3b": ("wan_1_3b", "wan1.3b_480p81", (81, 480, 832)),
@@ -55,15 +55,6 @@ def setup_comfy(cpu: bool):
     args.highvram = not cpu  # keep the model on the GPU between configurations (--highvram)
     import comfy.sample  # noqa: F401
     import comfy.sd  # noqa: F401
-
-
-def git_sha() -> str:
-    if os.environ.get("GIT_SHA"):  # set by the caller where the checkout's HEAD is stale
-        return os.environ["GIT_SHA"]
-    try:
-        return subprocess.check_output(["git", "rev-parse", "HEAD"], cwd=REPO, text=True, stderr=subprocess.DEVNULL).strip()
-    except Exception:
-        return os.environ.get("GIT_SHA", "unknown")
 
 
 def record(ctx, case, metric, value, **extra):
@@ -250,19 +241,21 @@ def run(args, ctx):
     tokens = latent.shape[2] * (latent.shape[3] // 2) * (latent.shape[4] // 2)
     print(f"# {ctx['shape']}: latent {tuple(latent.shape)}, {tokens} tokens, {args.steps} steps", flush=True)
 
-    def released() -> int:
-        """Bytes allocated with only the base model loaded: ComfyUI keeps the last sampled
-        clone patched (a SALAD case's modules and weights) until another model loads, so unload
-        it first (--highvram: the base weights stay on the GPU, only patches are undone)."""
-        mm.unload_all_models()
+    def released() -> int | None:
+        """Collected garbage, then (GPU) the bytes allocated with only the base model loaded:
+        ComfyUI keeps the last sampled clone patched (a SALAD case's modules and weights) until
+        another model loads, so unload it first (--highvram: the base weights stay on the GPU,
+        only patches are undone)."""
+        if cuda:
+            mm.unload_all_models()
         gc.collect()
+        if not cuda:
+            return None
         torch.cuda.empty_cache()
         return torch.cuda.memory_allocated()
 
     def measure(case, patcher, note="", is_dense=False, before=None):
-        gc.collect()
-        if cuda:
-            torch.cuda.empty_cache()
+        """before: ``released()``, taken before the case's model was made."""
         t0 = time.perf_counter()
         # Warm-up: model load, Triton / Inductor compile. Compiled runs warm up with the timed
         # schedule's length: ComfyUI passes sample_sigmas into the model, and a new length is a
@@ -314,7 +307,7 @@ def run(args, ctx):
         ctx["compiled"] = flag
         sfx = "_compiled" if flag else ""
         wrap = compiled if flag else (lambda m: m)
-        measure("dense_comfy" + sfx, wrap(base), is_dense=True, before=released() if cuda else None)
+        measure("dense_comfy" + sfx, wrap(base), is_dense=True, before=released())
         if cuda and not flag and args.attn_steps:  # attention share of the dense step: one short extra run with events
             timer = DenseAttentionTimer()
             m = base.clone()
@@ -331,7 +324,7 @@ def run(args, ctx):
                 record(ctx, case, "not_run", 0, note=note)
                 continue
             try:
-                before = released() if cuda else None
+                before = released()
                 patcher = wrap(make(base))
                 measure(case + sfx, patcher, note, before=before)
                 del patcher

@@ -25,15 +25,16 @@ def _select_topk_blocks_op(
     return selection.kv_indices.contiguous(), selection.kv_counts.contiguous()
 
 
+def _fake_topk_selection(like: torch.Tensor, b: int, h: int, nb: int, topk: int):
+    """The (kv_indices, kv_counts) a Top-K selection op returns, as empty int32 tensors."""
+    k_eff = max(1, min(topk, nb))
+    return like.new_empty((b, h, nb, k_eff), dtype=torch.int32), like.new_empty((b, h, nb), dtype=torch.int32)
+
+
 @_select_topk_blocks_op.register_fake
 def _(q, k, block_size, topk, backend):
     b, h, n, _ = q.shape
-    nb = num_blocks(n, block_size)
-    k_eff = max(1, min(topk, nb))
-    return (
-        q.new_empty((b, h, nb, k_eff), dtype=torch.int32),
-        q.new_empty((b, h, nb), dtype=torch.int32),
-    )
+    return _fake_topk_selection(q, b, h, num_blocks(n, block_size), topk)
 
 
 def select_topk_blocks(
@@ -56,11 +57,7 @@ def _select_topk_pooled_op(
 @_select_topk_pooled_op.register_fake
 def _(q_pool, k_pool_t, block_size, topk, seq_len, backend):
     b, h, nb, _ = q_pool.shape
-    k_eff = max(1, min(topk, nb))
-    return (
-        q_pool.new_empty((b, h, nb, k_eff), dtype=torch.int32),
-        q_pool.new_empty((b, h, nb), dtype=torch.int32),
-    )
+    return _fake_topk_selection(q_pool, b, h, nb, topk)
 
 
 def select_topk_pooled(
@@ -249,8 +246,9 @@ def salad_attention(
     proj_weight: [H * Dv, H * Dv] (Proj), proj_bias: optional [H * Dv]. Returns [B, H, N, Dv] in
     q's layout, so for Wan's [B, N, H, D] views ``out.transpose(1, 2).reshape(B, N, C)`` is free.
     ``linear_state``: the linear branch's (S, z) when already made (``linear_state_pooled``);
-    None makes them from k and v. Inference only (no backward). The Triton path keeps one
-    full-size buffer (the output)."""
+    None makes them from k and v. Inference only (no backward). Besides the output, the Triton
+    path holds one chunk of linear-branch features, the Proj folded into the state and the
+    state's per-split partials, no second full-size buffer."""
     b, h = q.shape[:2]
     c = h * v.shape[-1]
     if proj_weight.shape != (c, c) or (proj_bias is not None and proj_bias.shape != (c,)):

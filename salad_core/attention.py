@@ -147,18 +147,19 @@ class SaladSelfAttention(nn.Module):
         with self.runtime.timed():
             branch = self.salad if self.runtime.linear_active(self.layer) else None
             fused = fused and (branch is None or _plain_weight(branch.proj, x) is not None)
+            linear_state = None
             if fused and branch is not None and cfg.sparse_mode == "topk":
                 # One pass over q, k, v makes the linear state and the Top-K pooling.
                 state, z, q_pool, k_pool_t = kernels.linear_state_pooled(q, k, v, cfg.block_size, cfg.backend)
                 selection = self.runtime.selection_from_pooled(q_pool, k_pool_t, q.shape[2])
-                out, gate = salad_attention_fused(
-                    q, k, v, x, selection, branch, cfg.linear_scale, cfg.backend, cfg.eps, (state, z)
-                )
-            elif fused:
-                selection = self.runtime.selection(self.layer, q, k, call)
-                out, gate = salad_attention_fused(q, k, v, x, selection, branch, cfg.linear_scale, cfg.backend, cfg.eps)
+                linear_state = (state, z)
             else:
                 selection = self.runtime.selection(self.layer, q, k, call)
+            if fused:
+                out, gate = salad_attention_fused(
+                    q, k, v, x, selection, branch, cfg.linear_scale, cfg.backend, cfg.eps, linear_state
+                )
+            else:
                 out, gate = salad_attention(
                     q, k, v, x, selection, branch,
                     linear_scale=cfg.linear_scale, backend=cfg.backend, eps=cfg.eps,

@@ -282,6 +282,18 @@ def test_linear_state_pooled_cpu(n, bs, dtype, monkeypatch):
     assert torch.equal(sel.kv_indices, ref.kv_indices) and torch.equal(sel.kv_counts, ref.kv_counts)
 
 
+@cpu_only
+def test_linear_state_pooled_rejects_what_it_cannot_pool():
+    """The Triton pass pools one block per loop step: other block sizes are refused (the torch
+    backend takes them); q and k of different shapes are refused by the op."""
+    q, k, v = wan_qkv(1, 2, 40, 16, torch.bfloat16, "cpu", seed=0)
+    with pytest.raises(ValueError, match=r"Expected block_size in \(16, 32, 64, 128\), got 8"):
+        kernels.linear_state_pooled(q, k, v, 8, backend="triton")
+    assert kernels.linear_state_pooled(q, k, v, 8, backend="torch")[2].shape == (1, 2, 5, 16)
+    with pytest.raises(ValueError, match=r"Expected q and k of one shape"):
+        kernels.linear_state_pooled(q[:, :, :32], k, v, 16, backend="torch")
+
+
 def test_select_topk_pooled_rejects_mismatched_blocks():
     qp = torch.zeros(1, 2, 3, 16)
     with pytest.raises(ValueError, match=r"Expected pooled q \[B, H, 2, D\]"):

@@ -96,30 +96,32 @@ def _state_kernel(
 
 
 @triton.jit
+def _head_rows(Q, sqb, sqh, sqn, H, N, BM: tl.constexpr, D: tl.constexpr):
+    """This program's tile of query rows (program ids: row tile, b * H + h): (bh, b as int64, h,
+    rows, rows < N, q [BM, D] with zeros past N)."""
+    bh = tl.program_id(1)
+    b = (bh // H).to(tl.int64)  # int64 offsets: B * N * C can pass 2^31
+    h = bh % H
+    rows = tl.program_id(0) * BM + tl.arange(0, BM)
+    ok = rows < N
+    q = tl.load(Q + b * sqb + h * sqh + rows[:, None] * sqn + tl.arange(0, D)[None, :], mask=ok[:, None], other=0.0)
+    return bh, b, h, rows, ok, q
+
+
+@triton.jit
 def _apply_kernel(
     Q, SHI, SLO, Z, EPS, O,
     sqb, sqh, sqn, sob, soh, son,
     H, N,
     BM: tl.constexpr, D: tl.constexpr, DV: tl.constexpr, DOT_F32: tl.constexpr,
 ):
-    pid = tl.program_id(0)
-    bh = tl.program_id(1)
-    b = (bh // H).to(tl.int64)
-    h = bh % H
-    rows = pid * BM + tl.arange(0, BM)
-    ok = rows < N
+    bh, b, h, rows, ok, q = _head_rows(Q, sqb, sqh, sqn, H, N, BM, D)
     offs_d = tl.arange(0, D)
     offs_dv = tl.arange(0, DV)
-    q = tl.load(Q + b * sqb + h * sqh + rows[:, None] * sqn + offs_d[None, :], mask=ok[:, None], other=0.0)
     # relu(q) S / (relu(q) z + eps) (paper eq. 3), S = hi + lo (linear_prepare)
     fq = tl.maximum(q, 0.0).to(q.dtype)  # relu is exact in q's dtype
     s_off = bh * D * DV + offs_d[:, None] * DV + offs_dv[None, :]
-    hi = tl.load(SHI + s_off)
-    lo = tl.load(SLO + s_off)
-    if DOT_F32:  # the CPU interpreter multiplies bf16 as raw uint16: upcast there only
-        num = tl.dot(fq.to(tl.float32), hi.to(tl.float32)) + tl.dot(fq.to(tl.float32), lo.to(tl.float32))
-    else:
-        num = tl.dot(fq, hi) + tl.dot(fq, lo)
+    num = _dot(fq, tl.load(SHI + s_off), DOT_F32, False) + _dot(fq, tl.load(SLO + s_off), DOT_F32, False)
     z = tl.load(Z + bh * D + offs_d)
     den = tl.sum(fq.to(tl.float32) * z[None, :], 1) + tl.load(EPS + bh)
     out = num / den[:, None]
@@ -134,14 +136,8 @@ def _features_kernel(
     H, N, eps,
     BM: tl.constexpr, D: tl.constexpr, HAS_SCALE: tl.constexpr, EMULATE_RNE: tl.constexpr,
 ):
-    pid = tl.program_id(0)
-    bh = tl.program_id(1)
-    b = (bh // H).to(tl.int64)
-    h = bh % H
-    rows = pid * BM + tl.arange(0, BM)
-    ok = rows < N
+    bh, b, h, rows, ok, q = _head_rows(Q, sqb, sqh, sqn, H, N, BM, D)
     offs_d = tl.arange(0, D)
-    q = tl.load(Q + b * sqb + h * sqh + rows[:, None] * sqn + offs_d[None, :], mask=ok[:, None], other=0.0)
     # relu(q_d) z_d / (relu(q) z + eps) [* scale[b]]: eq. 3's weights on the rows S_d / z_d of the
     # folded state; each lies in [0, 1], so no dtype can overflow.
     w = tl.maximum(q.to(tl.float32), 0.0) * tl.load(Z + bh * D + offs_d)[None, :]
@@ -170,21 +166,19 @@ def linear_state_triton(k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor,
     return state, z
 
 
+# Pooling walks one block per step of the state loop, so the block is the loop's row tile.
+POOL_BLOCK_SIZES = (16, 32, 64, 128)
+
+
 def linear_state_pooled_triton(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, block_size: int):
     """(S, z) as ``linear_state_triton`` plus the Top-K selection's mean-pooled blocks from the
     same pass: (fp32 [B, H, nb, D] pooled q, fp32 [B, H, D, nb] pooled k transposed), as
     ``block_select.triton.mean_pool_blocks_triton`` returns them. H100: 0.14 ms at 1.3B
-    against 0.13 + 0.12 ms for the state and pooling kernels apart (linear-h100-s5-state.json)."""
-    if block_size not in POOL_BLOCK_SIZES or q.shape != k.shape:
-        raise ValueError(
-            f"Expected block_size in {POOL_BLOCK_SIZES} and q, k of one shape, got {block_size}, "
-            f"{tuple(q.shape)} and {tuple(k.shape)}. Try backend='torch'."
-        )
+    against 0.13 + 0.12 ms for the state and pooling kernels apart (linear-h100-s5-state.json).
+    (q, k, v shapes are checked by the public op, ``kernels.linear_state_pooled``.)"""
+    if block_size not in POOL_BLOCK_SIZES:
+        raise ValueError(f"Expected block_size in {POOL_BLOCK_SIZES}, got {block_size}. Try backend='torch'.")
     return _launch_state(q, k, v, block_size)
-
-
-# Pooling walks one block per step of the state loop, so the block is the loop's row tile.
-POOL_BLOCK_SIZES = (16, 32, 64, 128)
 
 
 def _launch_state(q, k, v, block_size):

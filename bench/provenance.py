@@ -1,0 +1,20 @@
+"""The commit a benchmark's records name (bench/attention.py and bench/e2e.py)."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def git_sha() -> str:
+    """GIT_SHA when set (by the caller, where the checkout's HEAD is stale: the device copy),
+    else this checkout's HEAD, else "unknown"."""
+    if os.environ.get("GIT_SHA"):
+        return os.environ["GIT_SHA"]
+    try:
+        return subprocess.check_output(["git", "rev-parse", "HEAD"], cwd=REPO, text=True, stderr=subprocess.DEVNULL).strip()
+    except (OSError, subprocess.CalledProcessError):
+        return "unknown"
