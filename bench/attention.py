@@ -199,12 +199,16 @@ def run_shape(name, args, ctx):
                     return kernels.block_sparse_attention(q, k, v, sel, backend="triton")
 
                 sp_ms = time_ms(sparse, reps)
-                extra = {"sparsity": round(meas, 2)}
+                extra = {"sparsity": round(meas, 2), "kernel": bsa_triton.sparse_forward_kernel(q, k, v, sel)}
                 if flex_ms:
                     extra["vs_flex"] = round(sp_ms / flex_ms, 3)
                 record(ctx, f"salad_sparse_{tag}", "ms", sp_ms, **extra)
                 record(ctx, f"salad_sparse_{tag}", "ms_synced", time_ms(sparse, reps, synced=True))
                 record(ctx, f"salad_sparse_{tag}", "extra_mem_x_q", peak_extra_bytes(sparse) / q_bytes)
+                if extra["kernel"] == "gluon":  # the Triton kernel on the same inputs, same run
+                    bsa_triton.USE_GLUON = False
+                    record(ctx, f"salad_sparse_{tag}_triton_kernel", "ms", time_ms(sparse, reps), sparsity=round(meas, 2))
+                    bsa_triton.USE_GLUON = True
                 if mode == "stswa":
                     bsa_triton.ORDER_MODE = "permute"
                     record(ctx, f"salad_sparse_{tag}_permute", "ms", time_ms(sparse, reps), sparsity=round(meas, 2))
@@ -255,6 +259,7 @@ def run_shape(name, args, ctx):
                 print(f"# FAILED {name} {tag}: {type(exc).__name__}: {exc}", flush=True)
                 traceback.print_exc()
                 bsa_triton.ORDER_MODE = "gather"
+                bsa_triton.USE_GLUON = True
     del q, k, v, x, qc, kc, vc
     torch.cuda.empty_cache()
 
@@ -297,17 +302,17 @@ def write_outputs(args, device_tag):
     lines = [
         f"# attention benchmark — {RECORDS[0]['device']} — commit {RECORDS[0]['commit'][:10]} — {RECORDS[0]['date']}",
         "",
-        "Median of >= 50 calls queued back to back, each between CUDA events; bf16; B=1, D=128, block 64. speedup = dense_cudnn ms / case ms (same run).",
+        "Median of >= 50 calls queued back to back, each between CUDA events; bf16; B=1, D=128, block 64. speedup = dense_cudnn ms / case ms (same run). sparse kernel: gluon (Hopper) or triton; *_triton_kernel rows time the Triton kernel on the same inputs.",
         "",
-        "| shape | case | ms | speedup | sparsity % | vs flex |",
-        "| --- | --- | ---: | ---: | ---: | ---: |",
+        "| shape | case | ms | speedup | sparsity % | vs flex | sparse kernel |",
+        "| --- | --- | ---: | ---: | ---: | ---: | --- |",
     ]
     for r in RECORDS:
         if r["metric"] != "ms":
             continue
         lines.append(
             f"| {r['shape']} | {r['case']} | {r['value']:.3f} | {r.get('speedup', '')} | "
-            f"{r.get('sparsity', '')} | {r.get('vs_flex', '')} |"
+            f"{r.get('sparsity', '')} | {r.get('vs_flex', '')} | {r.get('kernel', '')} |"
         )
     lines += ["", "| shape | case | metric | value |", "| --- | --- | --- | ---: |"]
     for r in RECORDS:

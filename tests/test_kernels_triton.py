@@ -1,7 +1,9 @@
 """Triton (and FlexAttention) kernels against the torch references in kernels/*/naive.py.
 
 CPU: runs under the Triton interpreter (CI exports TRITON_INTERPRET=1) at tiny shapes.
-GPU (``@pytest.mark.gpu``): the full matrix of odd shapes, both dtypes, flex, torch.compile.
+GPU (``@pytest.mark.gpu``): the full matrix of odd shapes, both dtypes, flex, torch.compile; on
+Hopper both sparse forward kernels (Gluon and Triton). CPU also compiles the Gluon kernel for
+sm_90 (no GPU needed) and reads ptxas's verdict: no spills, no serialised wgmma.
 Error rule: ||kernel - fp64 ref|| <= 2 x ||torch backend (same precision) - fp64 ref|| (+ a tiny
 absolute floor), outputs NaN-poisoned before each launch, fresh random inputs for every case.
 """
@@ -400,6 +402,13 @@ def test_topk_gpu(shape, dtype, topk):
         check_attention(q, k, v, sel, backend="flex")
     if topk == 4:
         check_salad(q, k, v, sel, seed=n)
+    if IS_HOPPER:  # the Triton kernel too (the Gluon one runs above)
+        from kernels.block_sparse_attn import triton as bsa_t
+
+        with pytest.MonkeyPatch.context() as mp:
+            mp.setattr(bsa_t, "USE_GLUON", False)
+            assert bsa_t.sparse_forward_kernel(q, k, v, sel) == "triton"
+            check_attention(q, k, v, sel)
 
 
 @gpu_only
@@ -423,6 +432,88 @@ def test_stswa_gpu(heads, d, dtype):
     finally:
         bsa_t.ORDER_MODE = old
     check_salad(q, k, v, sel, seed=heads)
+
+
+IS_HOPPER = HAS_CUDA and torch.cuda.get_device_capability()[0] == 9
+
+
+@gpu_only
+@pytest.mark.skipif(not IS_HOPPER, reason="the Gluon kernel is for Hopper (sm_90)")
+def test_gluon_kernel_choice_and_layouts_gpu(monkeypatch):
+    from kernels.block_sparse_attn import triton as bsa_t
+
+    q, k, v = wan_qkv(2, 12, 1000, 128, torch.bfloat16, "cuda", seed=11)
+    sel = kernels.select_topk_blocks(q, k, 64, 3)
+    assert bsa_t.sparse_forward_kernel(q, k, v, sel) == "gluon"
+    # Contiguous [B, H, N, D] (the other layout it reads), with the per-head output bias.
+    qc, kc, vc = (t.contiguous() for t in (q, k, v))
+    assert bsa_t.sparse_forward_kernel(qc, kc, vc, sel) == "gluon"
+    check_attention(qc, kc, vc, sel)
+    bias = torch.randn(2, 12 * 128, device="cuda")
+    out, _ = bsa_t.block_sparse_attention_triton(q, k, v, sel, out_bias=bias)
+    ref, _ = block_sparse_attention_naive(q.double(), k.double(), v.double(), sel)
+    ref = ref + bias.double().view(2, 12, 1, 128)
+    base, _ = block_sparse_attention_torch(q, k, v, sel)  # same precision: the sum rounded once
+    base = (base.float() + bias.view(2, 12, 1, 128)).to(q.dtype)
+    assert rel(out, ref) <= 2 * rel(base, ref) + 1e-6, (rel(out, ref), rel(base, ref))
+    # What it does not take goes to the Triton kernel.
+    assert bsa_t.sparse_forward_kernel(q, k, v, kernels.select_topk_blocks(q, k, 32, 3)) == "triton"
+    assert bsa_t.sparse_forward_kernel(q, torch.cat([k, k], 2)[:, :, ::2], v, sel) == "triton"  # mixed layouts
+    monkeypatch.setattr(bsa_t, "USE_GLUON", False)
+    assert bsa_t.sparse_forward_kernel(q, k, v, sel) == "triton"
+
+
+# Run in a fresh interpreter: under TRITON_INTERPRET=1 (CI) Gluon's jit makes interpreter objects.
+_COMPILE_FOR_SM90 = """
+import os, subprocess, sys
+import triton
+from triton.backends.compiler import GPUTarget
+from triton.experimental.gluon import language as gl
+from triton.experimental.gluon._runtime import GluonASTSource
+from kernels.block_sparse_attn import gluon as bsa_g
+
+dtype_name, d, has_bias, ptx = sys.argv[1], int(sys.argv[2]), sys.argv[3] == "1", sys.argv[4]
+gdt = {"bf16": gl.bfloat16, "fp16": gl.float16}[dtype_name]
+desc = f"tensordesc<{dtype_name}[64,{d}],{gl.NVMMASharedLayout.get_default_for([64, d], gdt)!r}>"
+fn = bsa_g._bsa_fwd_hopper_kernel
+sig = {name: "i32" for name in fn.arg_names}
+sig.update(q_desc=desc, k_desc=desc, v_desc=desc, O="*" + dtype_name, LSE="*fp32", KVI="*i32", KVC="*i32",
+           OBIAS="*fp32", qk_scale="fp32")
+const = dict(BS=64, D=d, DV=d, STAGES=bsa_g.STAGES, HAS_OBIAS=has_bias)
+sig.update({name: "constexpr" for name in const})
+src = GluonASTSource(fn, sig, constexprs={(fn.arg_names.index(k),): val for k, val in const.items()})
+compiled = triton.compile(src, target=GPUTarget("cuda", 90, 32), options={"num_warps": 4})
+open(ptx, "w").write(compiled.asm["ptx"])
+"""
+
+
+def _ptxas_verdict(dtype_name, d, has_bias, tmp_path):
+    """Compile the Gluon kernel for sm_90a on this (GPU-less) machine; ptxas -v's report."""
+    import subprocess
+    import sys
+
+    import triton
+
+    ptxas = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "ptxas")
+    if not os.path.exists(ptxas):
+        pytest.skip(f"no ptxas in this Triton ({ptxas})")
+    ptx = str(tmp_path / "bsa_gluon.ptx")
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    subprocess.run([sys.executable, "-c", _COMPILE_FOR_SM90, dtype_name, str(d), str(int(has_bias)), ptx],
+                   env=env, cwd=root, check=True)
+    run = subprocess.run([ptxas, "-arch=sm_90a", "-v", ptx, "-o", os.devnull], capture_output=True, text=True, check=True)
+    return run.stderr
+
+
+@pytest.mark.skipif(not HAS_TRITON, reason="needs Triton")
+@pytest.mark.parametrize("dtype_name,d,has_bias", [("bf16", 128, True), ("fp16", 64, False)])
+def test_gluon_kernel_compiles_for_hopper_without_spills_or_serialised_wgmma(dtype_name, d, has_bias, tmp_path):
+    pytest.importorskip("triton.experimental.gluon.language.nvidia.hopper")
+    verdict = _ptxas_verdict(dtype_name, d, has_bias, tmp_path)
+    assert "0 bytes spill stores, 0 bytes spill loads" in verdict, verdict
+    # C7514/C7515: ptxas waits after every wgmma because registers of one in flight are touched.
+    assert "serialized" not in verdict, verdict
 
 
 @gpu_only

@@ -8,6 +8,9 @@ Per-head token orders (ST-SWA temporal heads) are handled by a fused gather: the
 q/k/v rows through ``token_order`` and scatters output rows back, so no permuted copy of the
 tensors is made (``ORDER_MODE = "permute"`` makes explicit copies instead; benchmarks only).
 
+On Hopper, rows that need no gather go to the Gluon kernel in ``gluon.py`` (same contract,
+wgmma/TMA with FA3-order overlap); ``sparse_forward_kernel`` says which kernel a call runs.
+
 ``salad_attention_triton`` is the whole SALAD combine for inference: this kernel (with the gated
 Proj bias in its epilogue), then the linear branch's features in row chunks, each multiplied by
 the Proj-folded state straight into the output.
@@ -15,6 +18,7 @@ the Proj-folded state straight into the output.
 
 from __future__ import annotations
 
+import functools
 import os
 
 import torch
@@ -46,6 +50,31 @@ USE_TMA = True
 
 # Tests set this: outputs start as NaN so an unwritten element can't pass.
 POISON_OUTPUTS = False
+
+# Hopper: the Gluon kernel for rows that need no gather (H100, Top-K 90 %: 1.3B 1.44-1.47 vs
+# 1.51-1.55 ms, 14B 26.6-26.7 vs 27.8 ms). Benchmarks turn it off to time this file's kernel.
+USE_GLUON = True
+
+
+@functools.cache
+def _gluon_module():
+    """kernels.block_sparse_attn.gluon, or None when this Triton has no Gluon for Hopper."""
+    try:
+        from . import gluon
+    except ImportError:
+        return None
+    return gluon
+
+
+def sparse_forward_kernel(q, k, v, selection: BlockSelection) -> str:
+    """Which kernel block_sparse_attention_triton runs for these inputs: "gluon" (Hopper,
+    contiguous rows, see gluon.unsupported_reason) or "triton"."""
+    if not USE_GLUON or selection.token_order is not None or interpreting():
+        return "triton"
+    mod = _gluon_module()
+    if mod is None or mod.unsupported_reason(rowmajor(q), rowmajor(k), rowmajor(v), selection.block_size):
+        return "triton"
+    return "gluon"
 
 
 @triton.jit
@@ -198,6 +227,9 @@ def _launch(q, k, v, selection: BlockSelection, scale, order, out_bias=None):
     if POISON_OUTPUTS:
         for t in (out, lse):
             t.fill_(float("nan"))
+    if not has_order and sparse_forward_kernel(q, k, v, selection) == "gluon":
+        _gluon_module().block_sparse_attention_gluon(q, k, v, kvi, kvc, bs, scale, out, lse, out_bias)
+        return out, lse
     dummy = kvc
     use_tma = USE_TMA and not has_order and not interpreting() and _tma_ok(k, v)
     kd = vd = dummy
@@ -307,4 +339,4 @@ def salad_attention_triton(
     return out
 
 
-__all__ = ["block_sparse_attention_triton", "salad_attention_triton"]
+__all__ = ["block_sparse_attention_triton", "salad_attention_triton", "sparse_forward_kernel"]

@@ -1,0 +1,222 @@
+"""Hopper (sm_90) block-sparse flash attention forward in Gluon.
+
+Same contract and numerics as ``_bsa_fwd_kernel`` in ``triton.py`` (fp32 online softmax with
+exp2, natural-log LSE, optional per-head output bias), for rows that need no gather (no
+``token_order``). What Gluon lets us write that the Triton kernel leaves to its compiler:
+
+- K and V tiles arrive through a TMA ring with one mbarrier per slot; a slot is refilled as
+  soon as the wgmma that read it has retired.
+- Q sits in registers as the wgmma A operand (read from shared memory once).
+- FA3 order (intra-warpgroup overlap): QK^T of key block j + 1 is issued before the softmax
+  of block j + 1 is needed, and that softmax runs while P V of block j is in flight. O is only
+  rescaled while no P V product is in flight; reading an in-flight accumulator makes ptxas
+  serialise every wgmma (warning C7514), which ``tests/test_kernels_gluon.py`` checks for.
+
+H100, Top-K 90 % at the 1.3B shape: 1.44-1.47 ms against 1.51-1.55 ms for the Triton kernel in
+the same runs; 14B 26.6-26.7 against 27.8 ms (``bench/results/attention-NOTES.md``, session 6).
+The kernel is bound by L2 -> SM traffic (each 64-row query block streams its own 51 K/V
+tiles): without the softmax it still takes 1.31 ms, the MMAs alone 0.87 ms.
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+from triton.experimental import gluon
+from triton.experimental.gluon import language as gl
+from triton.experimental.gluon.language.nvidia.hopper import (
+    fence_async_shared,
+    mbarrier,
+    tma,
+    warpgroup_mma,
+    warpgroup_mma_wait,
+)
+from triton.experimental.gluon.nvidia.hopper import TensorDescriptor
+
+LOG2E = 1.4426950408889634
+BLOCK_SIZES = (64,)  # one warpgroup's wgmma M
+HEAD_DIMS = (64, 128)
+STAGES = 2  # K/V ring depth: 3 measured the same (1.469 vs 1.470 ms) with 32 KiB more shared memory
+
+
+@gluon.jit
+def _load_tile(desc, ring, bars, slot, row, col):
+    mbarrier.expect(bars.index(slot), desc.block_type.nbytes)
+    tma.async_copy_global_to_shared(desc, [row, col], bars.index(slot), ring.index(slot))
+
+
+@gluon.jit
+def _softmax_step(s, m_i, l_i, kb, N, qk_scale, BS: gl.constexpr, s_layout: gl.constexpr):
+    """Online softmax over key block ``kb`` (exp2, log2(e) folded into qk_scale)."""
+    if kb * BS + BS > N:  # the sequence's partial last block
+        cols = kb * BS + gl.arange(0, BS, layout=gl.SliceLayout(0, s_layout))
+        s = gl.where(gl.expand_dims(cols < N, 0), s, float("-inf"))
+    m_new = gl.maximum(m_i, gl.max(s, axis=1) * qk_scale)
+    p = gl.exp2(s * qk_scale - gl.expand_dims(m_new, 1))
+    alpha = gl.exp2(m_i - m_new)
+    l_i = l_i * alpha + gl.sum(p, axis=1)
+    return p, alpha, m_new, l_i
+
+
+@gluon.jit
+def _bsa_fwd_hopper_kernel(
+    q_desc, k_desc, v_desc, O, LSE, KVI, KVC, OBIAS,
+    sob, soh, son, slb, slh, s_ib, s_ih, s_im, s_cb, s_ch,
+    H, N, row_b, row_h, col_h, col_hv, qk_scale,
+    BS: gl.constexpr, D: gl.constexpr, DV: gl.constexpr, STAGES: gl.constexpr, HAS_OBIAS: gl.constexpr,
+):
+    """One program per (query block, batch x head), one warpgroup. The tensors are 2-D views:
+    row ``b * row_b + h * row_h + n`` and column ``h * col_h`` (``col_hv`` for V) hold token n."""
+    pid_m = gl.program_id(0)
+    bh = gl.program_id(1)
+    b = bh // H
+    h = bh % H
+    row0 = b * row_b + h * row_h
+    dtype: gl.constexpr = q_desc.dtype
+
+    s_layout: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[4, 1], instr_shape=[16, BS, 16])
+    o_layout: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[4, 1], instr_shape=[16, DV, 16])
+    q_layout: gl.constexpr = gl.DotOperandLayout(operand_index=0, parent=s_layout, k_width=2)
+    p_layout: gl.constexpr = gl.DotOperandLayout(operand_index=0, parent=o_layout, k_width=2)
+    row_s: gl.constexpr = gl.SliceLayout(1, s_layout)
+    row_o: gl.constexpr = gl.SliceLayout(1, o_layout)
+
+    q_smem = gl.allocate_shared_memory(dtype, [BS, D], q_desc.layout)
+    k_ring = gl.allocate_shared_memory(dtype, [STAGES, BS, D], k_desc.layout)
+    v_ring = gl.allocate_shared_memory(dtype, [STAGES, BS, DV], v_desc.layout)
+    q_bar = gl.allocate_shared_memory(gl.int64, [1, 1], mbarrier.MBarrierLayout())
+    k_bars = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
+    v_bars = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
+    mbarrier.init(q_bar.index(0), count=1)
+    for i in gl.static_range(STAGES):
+        mbarrier.init(k_bars.index(i), count=1)
+        mbarrier.init(v_bars.index(i), count=1)
+    fence_async_shared()
+
+    kvi = KVI + b * s_ib + h * s_ih + pid_m * s_im
+    count = gl.load(KVC + b * s_cb + h * s_ch + pid_m)
+    mbarrier.expect(q_bar.index(0), q_desc.block_type.nbytes)
+    tma.async_copy_global_to_shared(q_desc, [row0 + pid_m * BS, h * col_h], q_bar.index(0), q_smem)
+    # Key block i always lives in ring slot i % STAGES; its n-th fill is barrier phase n & 1.
+    for i in gl.static_range(STAGES):
+        if i < count:
+            kb = gl.load(kvi + i)
+            _load_tile(k_desc, k_ring, k_bars, i, row0 + kb * BS, h * col_h)
+            _load_tile(v_desc, v_ring, v_bars, i, row0 + kb * BS, h * col_hv)
+
+    m_i = gl.full([BS], float("-inf"), gl.float32, layout=row_s)
+    l_i = gl.zeros([BS], gl.float32, layout=row_s)
+    acc = gl.zeros([BS, DV], gl.float32, layout=o_layout)
+    zero_s = gl.zeros([BS, BS], gl.float32, layout=s_layout)
+    if count > 0:
+        mbarrier.wait(q_bar.index(0), 0)
+        q = q_smem.load(q_layout)
+        mbarrier.wait(k_bars.index(0), 0)
+        s = warpgroup_mma(q, k_ring.index(0).permute((1, 0)), zero_s, use_acc=False, is_async=True)
+        s = warpgroup_mma_wait(0, deps=(s,))
+        if STAGES < count:
+            kb = gl.load(kvi + STAGES)
+            _load_tile(k_desc, k_ring, k_bars, 0, row0 + kb * BS, h * col_h)
+        p, alpha, m_i, l_i = _softmax_step(s, m_i, l_i, gl.load(kvi), N, qk_scale, BS, s_layout)
+        p = gl.convert_layout(p.to(dtype), p_layout)
+        for j in range(count - 1):
+            nxt = j + 1
+            slot_n = nxt % STAGES
+            mbarrier.wait(k_bars.index(slot_n), (nxt // STAGES) & 1)
+            s_next = warpgroup_mma(q, k_ring.index(slot_n).permute((1, 0)), zero_s, use_acc=False, is_async=True)
+            acc = acc * gl.expand_dims(gl.convert_layout(alpha, row_o, assert_trivial=True), 1)
+            slot = j % STAGES
+            mbarrier.wait(v_bars.index(slot), (j // STAGES) & 1)
+            acc = warpgroup_mma(p, v_ring.index(slot), acc, is_async=True)
+            s = warpgroup_mma_wait(1, deps=(s_next,))  # QK^T of block j + 1 done; P V of block j in flight
+            if nxt + STAGES < count:
+                kb = gl.load(kvi + nxt + STAGES)
+                _load_tile(k_desc, k_ring, k_bars, slot_n, row0 + kb * BS, h * col_h)
+            p, alpha, m_i, l_i = _softmax_step(s, m_i, l_i, gl.load(kvi + nxt), N, qk_scale, BS, s_layout)
+            p = gl.convert_layout(p.to(dtype), p_layout)
+            acc = warpgroup_mma_wait(0, deps=(acc,))
+            if j + STAGES < count:
+                kb = gl.load(kvi + j + STAGES)
+                _load_tile(v_desc, v_ring, v_bars, slot, row0 + kb * BS, h * col_hv)
+        last = count - 1
+        acc = acc * gl.expand_dims(gl.convert_layout(alpha, row_o, assert_trivial=True), 1)
+        slot = last % STAGES
+        mbarrier.wait(v_bars.index(slot), (last // STAGES) & 1)
+        acc = warpgroup_mma(p, v_ring.index(slot), acc, is_async=True)
+        acc = warpgroup_mma_wait(0, deps=(acc,))
+    mbarrier.invalidate(q_bar.index(0))
+    for i in gl.static_range(STAGES):
+        mbarrier.invalidate(k_bars.index(i))
+        mbarrier.invalidate(v_bars.index(i))
+
+    l_o = gl.convert_layout(l_i, row_o, assert_trivial=True)
+    empty = l_o == 0.0
+    l_safe = gl.where(empty, 1.0, l_o)
+    out = acc / gl.expand_dims(l_safe, 1)
+    cols = gl.arange(0, DV, layout=gl.SliceLayout(0, o_layout))
+    if HAS_OBIAS:  # [B, H * DV] fp32, added before the single rounding
+        out = out + gl.expand_dims(gl.load(OBIAS + (b * H + h) * DV + cols), 0)
+    rows = pid_m * BS + gl.arange(0, BS, layout=row_o)
+    ok = rows < N
+    m_o = gl.convert_layout(m_i, row_o, assert_trivial=True)
+    lse = gl.where(empty, float("-inf"), (m_o + gl.log2(l_safe)) * 0.6931471805599453)
+    o_base = O + b.to(gl.int64) * sob + h.to(gl.int64) * soh
+    gl.store(o_base + gl.expand_dims(rows, 1).to(gl.int64) * son + gl.expand_dims(cols, 0), out.to(dtype),
+             mask=gl.expand_dims(ok, 1))
+    gl.store(LSE + b * slb + h * slh + rows, lse, mask=ok)
+
+
+def rows_2d(t: torch.Tensor):
+    """A [B, H, N, D] tensor as the 2-D row view TMA reads, with where (b, h)'s rows start:
+    (view, row_b, row_h, col_h), or None. Wan's [B, N, H, D] layout gives rows of H * D
+    columns (head h at column h * D); a contiguous [B, H, N, D] gives rows of D."""
+    b, h, n, d = t.shape
+    if t.stride() == (n * h * d, d, h * d, 1):
+        return t.transpose(1, 2).reshape(b * n, h * d), n, 0, d
+    if t.is_contiguous():
+        return t.reshape(b * h * n, d), h * n, n, 0
+    return None
+
+
+def unsupported_reason(q, k, v, block_size: int) -> str | None:
+    """Why this kernel cannot take these inputs, or None (it can). The caller has already
+    checked shapes, dtypes and the selection."""
+    if not (q.is_cuda and torch.cuda.get_device_capability(q.device)[0] == 9):
+        return "needs a Hopper (sm_90) GPU"
+    if q.dtype not in (torch.bfloat16, torch.float16):
+        return f"needs bf16/fp16, got {q.dtype}"
+    if block_size not in BLOCK_SIZES or q.shape[-1] not in HEAD_DIMS or v.shape[-1] not in HEAD_DIMS:
+        return f"needs block_size in {BLOCK_SIZES} and head dims in {HEAD_DIMS}"
+    views = [rows_2d(t) for t in (q, k, v)]
+    if any(x is None for x in views) or len({x[1:3] for x in views}) != 1 or views[0][3] != views[1][3]:
+        return "needs q, k, v in one shared layout: Wan's [B, N, H, D] or contiguous [B, H, N, D]"
+    if any(x[0].data_ptr() % 16 for x in views):
+        return "needs 16-byte aligned tensors"
+    return None
+
+
+def block_sparse_attention_gluon(q, k, v, kv_indices, kv_counts, block_size: int, scale: float, out: torch.Tensor,
+                                 lse: torch.Tensor, out_bias: torch.Tensor | None = None) -> None:
+    """Fill ``out`` ([B, H, N, DV], any strides) and ``lse`` ([B, H, N] fp32) from a selection's
+    indices and counts (last dimension contiguous). Inputs must pass ``unsupported_reason``."""
+    b, h, n, d = q.shape
+    dv = v.shape[-1]
+    bs = block_size
+    (q2, row_b, row_h, col_h), (k2, *_), (v2, _, _, col_hv) = (rows_2d(t) for t in (q, k, v))
+    gdt = gl.bfloat16 if q.dtype == torch.bfloat16 else gl.float16
+    qk_layout = gl.NVMMASharedLayout.get_default_for([bs, d], gdt)
+    v_layout = gl.NVMMASharedLayout.get_default_for([bs, dv], gdt)
+    q_desc = TensorDescriptor.from_tensor(q2, [bs, d], qk_layout)
+    k_desc = TensorDescriptor.from_tensor(k2, [bs, d], qk_layout)
+    v_desc = TensorDescriptor.from_tensor(v2, [bs, dv], v_layout)
+    kvi, kvc = kv_indices, kv_counts
+    _bsa_fwd_hopper_kernel[(kvi.shape[2], b * h)](
+        q_desc, k_desc, v_desc, out, lse, kvi, kvc, out_bias if out_bias is not None else lse,
+        out.stride(0), out.stride(1), out.stride(2), lse.stride(0), lse.stride(1),
+        kvi.stride(0), kvi.stride(1), kvi.stride(2), kvc.stride(0), kvc.stride(1),
+        h, n, row_b, row_h, col_h, col_hv, float(scale) * LOG2E,
+        BS=bs, D=d, DV=dv, STAGES=STAGES, HAS_OBIAS=out_bias is not None, num_warps=4,
+    )
+
+
+__all__ = ["block_sparse_attention_gluon", "rows_2d", "unsupported_reason"]
