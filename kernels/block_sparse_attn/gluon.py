@@ -12,8 +12,8 @@ exp2, natural-log LSE, optional per-head output bias), for rows that need no gat
   rescaled while no P V product is in flight; reading an in-flight accumulator makes ptxas
   serialise every wgmma (warning C7514), which ``tests/test_kernels_gluon.py`` checks for.
 
-H100, Top-K 90 % at the 1.3B shape: 1.44-1.47 ms against 1.51-1.55 ms for the Triton kernel in
-the same runs; 14B 26.6-26.7 against 27.8 ms (``bench/results/attention-NOTES.md``, session 6).
+H100, Top-K 90 %, against the Triton kernel in the same run: 1.3B shape 1.377 vs 1.540 ms, 14B
+26.15 vs 27.34 ms (``bench/results/attention-h100-s6.md``; notes in attention-NOTES.md, session 6).
 The kernel is bound by L2 -> SM traffic (each 64-row query block streams its own 51 K/V
 tiles): without the softmax it still takes 1.31 ms, the MMAs alone 0.87 ms.
 """
