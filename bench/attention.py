@@ -207,8 +207,11 @@ def run_shape(name, args, ctx):
                 record(ctx, f"salad_sparse_{tag}", "extra_mem_x_q", peak_extra_bytes(sparse) / q_bytes)
                 if extra["kernel"] == "gluon":  # the Triton kernel on the same inputs, same run
                     bsa_triton.USE_GLUON = False
-                    record(ctx, f"salad_sparse_{tag}_triton_kernel", "ms", time_ms(sparse, reps), sparsity=round(meas, 2))
-                    bsa_triton.USE_GLUON = True
+                    try:
+                        record(ctx, f"salad_sparse_{tag}_triton_kernel", "ms", time_ms(sparse, reps),
+                               sparsity=round(meas, 2), kernel="triton")
+                    finally:
+                        bsa_triton.USE_GLUON = True
                 if mode == "stswa":
                     bsa_triton.ORDER_MODE = "permute"
                     record(ctx, f"salad_sparse_{tag}_permute", "ms", time_ms(sparse, reps), sparsity=round(meas, 2))
@@ -259,7 +262,6 @@ def run_shape(name, args, ctx):
                 print(f"# FAILED {name} {tag}: {type(exc).__name__}: {exc}", flush=True)
                 traceback.print_exc()
                 bsa_triton.ORDER_MODE = "gather"
-                bsa_triton.USE_GLUON = True
     del q, k, v, x, qc, kc, vc
     torch.cuda.empty_cache()
 

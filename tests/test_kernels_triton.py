@@ -28,6 +28,11 @@ from kernels.selection import num_blocks
 
 INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
 HAS_CUDA = torch.cuda.is_available()
+
+
+def is_hopper() -> bool:
+    """Asked inside GPU tests only: no CUDA initialisation at collection."""
+    return HAS_CUDA and torch.cuda.get_device_capability()[0] == 9
 try:
     import triton  # noqa: F401
 
@@ -402,12 +407,12 @@ def test_topk_gpu(shape, dtype, topk):
         check_attention(q, k, v, sel, backend="flex")
     if topk == 4:
         check_salad(q, k, v, sel, seed=n)
-    if IS_HOPPER:  # the Triton kernel too (the Gluon one runs above)
+    if is_hopper():  # the Triton kernel too (the Gluon one ran above)
         from kernels.block_sparse_attn import triton as bsa_t
 
+        assert bsa_t.sparse_forward_kernel(q, k, v, sel) == "gluon"
         with pytest.MonkeyPatch.context() as mp:
             mp.setattr(bsa_t, "USE_GLUON", False)
-            assert bsa_t.sparse_forward_kernel(q, k, v, sel) == "triton"
             check_attention(q, k, v, sel)
 
 
@@ -434,52 +439,98 @@ def test_stswa_gpu(heads, d, dtype):
     check_salad(q, k, v, sel, seed=heads)
 
 
-IS_HOPPER = HAS_CUDA and torch.cuda.get_device_capability()[0] == 9
-
-
 @gpu_only
-@pytest.mark.skipif(not IS_HOPPER, reason="the Gluon kernel is for Hopper (sm_90)")
-def test_gluon_kernel_choice_and_layouts_gpu(monkeypatch):
+def test_gluon_kernel_choice_layouts_and_edges_gpu():
+    if not is_hopper():
+        pytest.skip("the Gluon kernel is for Hopper (sm_90)")
     from kernels.block_sparse_attn import triton as bsa_t
 
     q, k, v = wan_qkv(2, 12, 1000, 128, torch.bfloat16, "cuda", seed=11)
     sel = kernels.select_topk_blocks(q, k, 64, 3)
     assert bsa_t.sparse_forward_kernel(q, k, v, sel) == "gluon"
-    # Contiguous [B, H, N, D] (the other layout it reads), with the per-head output bias.
+    # Contiguous [B, H, N, D], the other layout it reads.
     qc, kc, vc = (t.contiguous() for t in (q, k, v))
     assert bsa_t.sparse_forward_kernel(qc, kc, vc, sel) == "gluon"
     check_attention(qc, kc, vc, sel)
+    # The per-head output bias (Wan's layout), LSE included.
     bias = torch.randn(2, 12 * 128, device="cuda")
-    out, _ = bsa_t.block_sparse_attention_triton(q, k, v, sel, out_bias=bias)
-    ref, _ = block_sparse_attention_naive(q.double(), k.double(), v.double(), sel)
+    out, lse = bsa_t.block_sparse_attention_triton(q, k, v, sel, out_bias=bias)
+    ref, ref_lse = block_sparse_attention_naive(q.double(), k.double(), v.double(), sel)
     ref = ref + bias.double().view(2, 12, 1, 128)
-    base, _ = block_sparse_attention_torch(q, k, v, sel)  # same precision: the sum rounded once
+    base, base_lse = block_sparse_attention_torch(q, k, v, sel)  # same precision: the sum rounded once
     base = (base.float() + bias.view(2, 12, 1, 128)).to(q.dtype)
     assert rel(out, ref) <= 2 * rel(base, ref) + 1e-6, (rel(out, ref), rel(base, ref))
+    assert rel(lse, ref_lse) <= 2 * rel(base_lse, ref_lse) + 1e-5
+    # Value head dim != query head dim.
+    v64 = wan_qkv(2, 12, 1000, 64, torch.bfloat16, "cuda", seed=13)[2]
+    assert bsa_t.sparse_forward_kernel(q, k, v64, sel) == "gluon"
+    check_attention(q, k, v64, sel)
+    # Rows past N must not see the neighbouring batch: Inf there may not turn 0 * Inf into NaN.
+    v_inf = v.clone()
+    v_inf[1, :, :64] = float("inf")  # batch 1's first block; batch 0's last block (N = 1000) ends at row 1024
+    out_inf, _ = bsa_t.block_sparse_attention_triton(q, k, v_inf, sel)
+    assert not out_inf[0].isnan().any()
+    # Empty rows (count 0): zero output and -inf LSE, as in the Triton kernel.
+    empty = kernels.BlockSelection(sel.kv_indices, sel.kv_counts.clone().index_fill_(2, torch.tensor([0, 7], device="cuda"), 0),
+                                   64, 1000)
+    out_e, lse_e = bsa_t.block_sparse_attention_triton(q, k, v, empty)
+    rows = torch.cat([torch.arange(0, 64), torch.arange(448, 512)])
+    assert bool((out_e[:, :, rows] == 0).all()) and bool(torch.isneginf(lse_e[:, :, rows]).all())
+    full, full_lse = bsa_t.block_sparse_attention_triton(q, k, v, sel)
+    others = torch.ones(1000, dtype=torch.bool)
+    others[rows] = False
+    assert torch.equal(out_e[:, :, others], full[:, :, others]) and torch.equal(lse_e[:, :, others], full_lse[:, :, others])
     # What it does not take goes to the Triton kernel.
     assert bsa_t.sparse_forward_kernel(q, k, v, kernels.select_topk_blocks(q, k, 32, 3)) == "triton"
-    assert bsa_t.sparse_forward_kernel(q, torch.cat([k, k], 2)[:, :, ::2], v, sel) == "triton"  # mixed layouts
-    monkeypatch.setattr(bsa_t, "USE_GLUON", False)
+    assert bsa_t.sparse_forward_kernel(q, kc, v, sel) == "triton"  # q in Wan's layout, k contiguous
+    assert bsa_t.sparse_forward_kernel(q, k, vc, sel) == "triton"  # only v differs
+    assert bsa_t.sparse_forward_kernel(q, k, v.half(), sel) == "triton"  # mixed dtypes
+
+
+@gpu_only
+def test_gluon_compile_failure_warns_once_and_uses_the_triton_kernel_gpu(monkeypatch, caplog):
+    if not is_hopper():
+        pytest.skip("the Gluon kernel is for Hopper (sm_90)")
+    from triton.compiler.errors import CompilationError
+
+    from kernels.block_sparse_attn import gluon as bsa_g
+    from kernels.block_sparse_attn import triton as bsa_t
+
+    calls = []
+
+    def broken(*args, **kwargs):
+        calls.append(1)
+        raise CompilationError(None, None, "warpgroup_mma: unexpected keyword")
+
+    monkeypatch.setattr(bsa_g, "block_sparse_attention_gluon", broken)
+    monkeypatch.setattr(bsa_t, "_gluon_failed", False)
+    q, k, v = wan_qkv(1, 4, 700, 128, torch.bfloat16, "cuda", seed=12)
+    sel = kernels.select_topk_blocks(q, k, 64, 3)
+    with caplog.at_level("WARNING", logger="salad"):
+        check_attention(q, k, v, sel)
+        check_attention(q, k, v, sel)
+    assert len(calls) == 1, "the Gluon kernel must not be retried after a compile failure"
+    warnings = [r.getMessage() for r in caplog.records if "Gluon" in r.getMessage()]
+    assert len(warnings) == 1 and "unexpected keyword" in warnings[0] and "Triton 3.6" in warnings[0], warnings
     assert bsa_t.sparse_forward_kernel(q, k, v, sel) == "triton"
 
 
 # Run in a fresh interpreter: under TRITON_INTERPRET=1 (CI) Gluon's jit makes interpreter objects.
 _COMPILE_FOR_SM90 = """
-import os, subprocess, sys
+import sys
 import triton
 from triton.backends.compiler import GPUTarget
-from triton.experimental.gluon import language as gl
 from triton.experimental.gluon._runtime import GluonASTSource
 from kernels.block_sparse_attn import gluon as bsa_g
 
-dtype_name, d, has_bias, ptx = sys.argv[1], int(sys.argv[2]), sys.argv[3] == "1", sys.argv[4]
-gdt = {"bf16": gl.bfloat16, "fp16": gl.float16}[dtype_name]
-desc = f"tensordesc<{dtype_name}[64,{d}],{gl.NVMMASharedLayout.get_default_for([64, d], gdt)!r}>"
+dtype_name, d, dv, has_bias, ptx = sys.argv[1], int(sys.argv[2]), int(sys.argv[3]), sys.argv[4] == "1", sys.argv[5]
+torch_dtype = {"bf16": bsa_g.torch.bfloat16, "fp16": bsa_g.torch.float16}[dtype_name]
+desc = {w: f"tensordesc<{dtype_name}[1,64,{w}],{bsa_g._smem_layout(64, w, torch_dtype)!r}>" for w in (d, dv)}
 fn = bsa_g._bsa_fwd_hopper_kernel
 sig = {name: "i32" for name in fn.arg_names}
-sig.update(q_desc=desc, k_desc=desc, v_desc=desc, O="*" + dtype_name, LSE="*fp32", KVI="*i32", KVC="*i32",
-           OBIAS="*fp32", qk_scale="fp32")
-const = dict(BS=64, D=d, DV=d, STAGES=bsa_g.STAGES, HAS_OBIAS=has_bias)
+sig.update(q_desc=desc[d], k_desc=desc[d], v_desc=desc[dv], O="*" + dtype_name, LSE="*fp32", KVI="*i32",
+           KVC="*i32", OBIAS="*fp32", qk_scale="fp32")
+const = dict(BS=64, D=d, DV=dv, STAGES=bsa_g.STAGES, HAS_OBIAS=has_bias)
 sig.update({name: "constexpr" for name in const})
 src = GluonASTSource(fn, sig, constexprs={(fn.arg_names.index(k),): val for k, val in const.items()})
 compiled = triton.compile(src, target=GPUTarget("cuda", 90, 32), options={"num_warps": 4})
@@ -487,8 +538,9 @@ open(ptx, "w").write(compiled.asm["ptx"])
 """
 
 
-def _ptxas_verdict(dtype_name, d, has_bias, tmp_path):
-    """Compile the Gluon kernel for sm_90a on this (GPU-less) machine; ptxas -v's report."""
+def _ptxas_verdict(dtype_name, d, dv, has_bias, tmp_path):
+    """Compile the Gluon kernel for sm_90a on this (GPU-less) machine; ptxas -v's report. (Integer
+    arguments are plain i32 here, without the divisibility hints a real launch specialises on.)"""
     import subprocess
     import sys
 
@@ -500,17 +552,18 @@ def _ptxas_verdict(dtype_name, d, has_bias, tmp_path):
     ptx = str(tmp_path / "bsa_gluon.ptx")
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-    subprocess.run([sys.executable, "-c", _COMPILE_FOR_SM90, dtype_name, str(d), str(int(has_bias)), ptx],
-                   env=env, cwd=root, check=True)
-    run = subprocess.run([ptxas, "-arch=sm_90a", "-v", ptx, "-o", os.devnull], capture_output=True, text=True, check=True)
+    subprocess.run([sys.executable, "-c", _COMPILE_FOR_SM90, dtype_name, str(d), str(dv), str(int(has_bias)), ptx],
+                   env=env, cwd=root, check=True, timeout=300)
+    run = subprocess.run([ptxas, "-arch=sm_90a", "-v", ptx, "-o", os.devnull], capture_output=True, text=True,
+                         check=True, timeout=300)
     return run.stderr
 
 
 @pytest.mark.skipif(not HAS_TRITON, reason="needs Triton")
-@pytest.mark.parametrize("dtype_name,d,has_bias", [("bf16", 128, True), ("fp16", 64, False)])
-def test_gluon_kernel_compiles_for_hopper_without_spills_or_serialised_wgmma(dtype_name, d, has_bias, tmp_path):
+@pytest.mark.parametrize("dtype_name,d,dv,has_bias", [("bf16", 128, 128, True), ("fp16", 64, 64, False), ("bf16", 128, 64, False)])
+def test_gluon_kernel_compiles_for_hopper_without_spills_or_serialised_wgmma(dtype_name, d, dv, has_bias, tmp_path):
     pytest.importorskip("triton.experimental.gluon.language.nvidia.hopper")
-    verdict = _ptxas_verdict(dtype_name, d, has_bias, tmp_path)
+    verdict = _ptxas_verdict(dtype_name, d, dv, has_bias, tmp_path)
     assert "0 bytes spill stores, 0 bytes spill loads" in verdict, verdict
     # C7514/C7515: ptxas waits after every wgmma because registers of one in flight are touched.
     assert "serialized" not in verdict, verdict

@@ -10,18 +10,22 @@ exp2, natural-log LSE, optional per-head output bias), for rows that need no gat
 - FA3 order (intra-warpgroup overlap): QK^T of key block j + 1 is issued before the softmax
   of block j + 1 is needed, and that softmax runs while P V of block j is in flight. O is only
   rescaled while no P V product is in flight; reading an in-flight accumulator makes ptxas
-  serialise every wgmma (warning C7514), which ``tests/test_kernels_gluon.py`` checks for.
+  serialise every wgmma (warning C7514), which ``tests/test_kernels_triton.py`` checks for.
+- TMA reads 3-D views ([B, N, H * D] or [B * H, N, D]) so rows past N come back as zeros, as in
+  the Triton kernel: a neighbouring batch's or head's Inf could otherwise reach P V as 0 * Inf.
 
 H100, Top-K 90 %, against the Triton kernel in the same run: 1.3B shape 1.377 vs 1.540 ms, 14B
 26.15 vs 27.34 ms (``bench/results/attention-h100-s6.md``; notes in attention-NOTES.md, session 6).
 The kernel is bound by L2 -> SM traffic (each 64-row query block streams its own 51 K/V
-tiles): without the softmax it still takes 1.31 ms, the MMAs alone 0.87 ms.
+tiles): in an ablation run where it took 1.44 ms, it still took 1.31 ms without the softmax and
+0.87 ms with neither loads nor softmax (``attention-h100-s6-ablation.json``).
 """
 
 from __future__ import annotations
 
+import functools
+
 import torch
-import triton
 from triton.experimental import gluon
 from triton.experimental.gluon import language as gl
 from triton.experimental.gluon.language.nvidia.hopper import (
@@ -40,9 +44,15 @@ STAGES = 2  # K/V ring depth: 3 measured the same (1.469 vs 1.470 ms) with 32 Ki
 
 
 @gluon.jit
-def _load_tile(desc, ring, bars, slot, row, col):
+def _load_tile(desc, ring, bars, slot, plane, row, col):
     mbarrier.expect(bars.index(slot), desc.block_type.nbytes)
-    tma.async_copy_global_to_shared(desc, [row, col], bars.index(slot), ring.index(slot))
+    tma.async_copy_global_to_shared(desc, [plane, row, col], bars.index(slot), ring.index(slot))
+
+
+@gluon.jit
+def _tile(ring, slot, rows: gl.constexpr, cols: gl.constexpr):
+    """Ring slot ``slot`` ([1, rows, cols], as TMA fills it) as the [rows, cols] wgmma operand."""
+    return ring.index(slot).reshape([rows, cols])
 
 
 @gluon.jit
@@ -62,16 +72,17 @@ def _softmax_step(s, m_i, l_i, kb, N, qk_scale, BS: gl.constexpr, s_layout: gl.c
 def _bsa_fwd_hopper_kernel(
     q_desc, k_desc, v_desc, O, LSE, KVI, KVC, OBIAS,
     sob, soh, son, slb, slh, s_ib, s_ih, s_im, s_cb, s_ch,
-    H, N, row_b, row_h, col_h, col_hv, qk_scale,
+    H, N, plane_b, plane_h, col_h, col_hv, qk_scale,
     BS: gl.constexpr, D: gl.constexpr, DV: gl.constexpr, STAGES: gl.constexpr, HAS_OBIAS: gl.constexpr,
 ):
-    """One program per (query block, batch x head), one warpgroup. The tensors are 2-D views:
-    row ``b * row_b + h * row_h + n`` and column ``h * col_h`` (``col_hv`` for V) hold token n."""
+    """One program per (query block, batch x head), one warpgroup. The tensors are 3-D views:
+    token n of (b, h) is row n of plane ``b * plane_b + h * plane_h``, columns from ``h * col_h``
+    (``col_hv`` for V)."""
     pid_m = gl.program_id(0)
     bh = gl.program_id(1)
     b = bh // H
     h = bh % H
-    row0 = b * row_b + h * row_h
+    plane = b * plane_b + h * plane_h
     dtype: gl.constexpr = q_desc.dtype
 
     s_layout: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[4, 1], instr_shape=[16, BS, 16])
@@ -81,9 +92,9 @@ def _bsa_fwd_hopper_kernel(
     row_s: gl.constexpr = gl.SliceLayout(1, s_layout)
     row_o: gl.constexpr = gl.SliceLayout(1, o_layout)
 
-    q_smem = gl.allocate_shared_memory(dtype, [BS, D], q_desc.layout)
-    k_ring = gl.allocate_shared_memory(dtype, [STAGES, BS, D], k_desc.layout)
-    v_ring = gl.allocate_shared_memory(dtype, [STAGES, BS, DV], v_desc.layout)
+    q_smem = gl.allocate_shared_memory(dtype, [1, BS, D], q_desc.layout)
+    k_ring = gl.allocate_shared_memory(dtype, [STAGES, 1, BS, D], k_desc.layout)
+    v_ring = gl.allocate_shared_memory(dtype, [STAGES, 1, BS, DV], v_desc.layout)
     q_bar = gl.allocate_shared_memory(gl.int64, [1, 1], mbarrier.MBarrierLayout())
     k_bars = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
     v_bars = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
@@ -95,14 +106,15 @@ def _bsa_fwd_hopper_kernel(
 
     kvi = KVI + b * s_ib + h * s_ih + pid_m * s_im
     count = gl.load(KVC + b * s_cb + h * s_ch + pid_m)
-    mbarrier.expect(q_bar.index(0), q_desc.block_type.nbytes)
-    tma.async_copy_global_to_shared(q_desc, [row0 + pid_m * BS, h * col_h], q_bar.index(0), q_smem)
+    if count > 0:  # a copy must not be in flight when the program exits
+        mbarrier.expect(q_bar.index(0), q_desc.block_type.nbytes)
+        tma.async_copy_global_to_shared(q_desc, [plane, pid_m * BS, h * col_h], q_bar.index(0), q_smem)
     # Key block i always lives in ring slot i % STAGES; its n-th fill is barrier phase n & 1.
     for i in gl.static_range(STAGES):
         if i < count:
             kb = gl.load(kvi + i)
-            _load_tile(k_desc, k_ring, k_bars, i, row0 + kb * BS, h * col_h)
-            _load_tile(v_desc, v_ring, v_bars, i, row0 + kb * BS, h * col_hv)
+            _load_tile(k_desc, k_ring, k_bars, i, plane, kb * BS, h * col_h)
+            _load_tile(v_desc, v_ring, v_bars, i, plane, kb * BS, h * col_hv)
 
     m_i = gl.full([BS], float("-inf"), gl.float32, layout=row_s)
     l_i = gl.zeros([BS], gl.float32, layout=row_s)
@@ -110,39 +122,39 @@ def _bsa_fwd_hopper_kernel(
     zero_s = gl.zeros([BS, BS], gl.float32, layout=s_layout)
     if count > 0:
         mbarrier.wait(q_bar.index(0), 0)
-        q = q_smem.load(q_layout)
+        q = q_smem.reshape([BS, D]).load(q_layout)
         mbarrier.wait(k_bars.index(0), 0)
-        s = warpgroup_mma(q, k_ring.index(0).permute((1, 0)), zero_s, use_acc=False, is_async=True)
+        s = warpgroup_mma(q, _tile(k_ring, 0, BS, D).permute((1, 0)), zero_s, use_acc=False, is_async=True)
         s = warpgroup_mma_wait(0, deps=(s,))
         if STAGES < count:
             kb = gl.load(kvi + STAGES)
-            _load_tile(k_desc, k_ring, k_bars, 0, row0 + kb * BS, h * col_h)
+            _load_tile(k_desc, k_ring, k_bars, 0, plane, kb * BS, h * col_h)
         p, alpha, m_i, l_i = _softmax_step(s, m_i, l_i, gl.load(kvi), N, qk_scale, BS, s_layout)
         p = gl.convert_layout(p.to(dtype), p_layout)
         for j in range(count - 1):
             nxt = j + 1
             slot_n = nxt % STAGES
             mbarrier.wait(k_bars.index(slot_n), (nxt // STAGES) & 1)
-            s_next = warpgroup_mma(q, k_ring.index(slot_n).permute((1, 0)), zero_s, use_acc=False, is_async=True)
+            s_next = warpgroup_mma(q, _tile(k_ring, slot_n, BS, D).permute((1, 0)), zero_s, use_acc=False, is_async=True)
             acc = acc * gl.expand_dims(gl.convert_layout(alpha, row_o, assert_trivial=True), 1)
             slot = j % STAGES
             mbarrier.wait(v_bars.index(slot), (j // STAGES) & 1)
-            acc = warpgroup_mma(p, v_ring.index(slot), acc, is_async=True)
+            acc = warpgroup_mma(p, _tile(v_ring, slot, BS, DV), acc, is_async=True)
             s = warpgroup_mma_wait(1, deps=(s_next,))  # QK^T of block j + 1 done; P V of block j in flight
             if nxt + STAGES < count:
                 kb = gl.load(kvi + nxt + STAGES)
-                _load_tile(k_desc, k_ring, k_bars, slot_n, row0 + kb * BS, h * col_h)
+                _load_tile(k_desc, k_ring, k_bars, slot_n, plane, kb * BS, h * col_h)
             p, alpha, m_i, l_i = _softmax_step(s, m_i, l_i, gl.load(kvi + nxt), N, qk_scale, BS, s_layout)
             p = gl.convert_layout(p.to(dtype), p_layout)
             acc = warpgroup_mma_wait(0, deps=(acc,))
             if j + STAGES < count:
                 kb = gl.load(kvi + j + STAGES)
-                _load_tile(v_desc, v_ring, v_bars, slot, row0 + kb * BS, h * col_hv)
+                _load_tile(v_desc, v_ring, v_bars, slot, plane, kb * BS, h * col_hv)
         last = count - 1
         acc = acc * gl.expand_dims(gl.convert_layout(alpha, row_o, assert_trivial=True), 1)
         slot = last % STAGES
         mbarrier.wait(v_bars.index(slot), (last // STAGES) & 1)
-        acc = warpgroup_mma(p, v_ring.index(slot), acc, is_async=True)
+        acc = warpgroup_mma(p, _tile(v_ring, slot, BS, DV), acc, is_async=True)
         acc = warpgroup_mma_wait(0, deps=(acc,))
     mbarrier.invalidate(q_bar.index(0))
     for i in gl.static_range(STAGES):
@@ -166,28 +178,39 @@ def _bsa_fwd_hopper_kernel(
     gl.store(LSE + b * slb + h * slh + rows, lse, mask=ok)
 
 
-def rows_2d(t: torch.Tensor):
-    """A [B, H, N, D] tensor as the 2-D row view TMA reads, with where (b, h)'s rows start:
-    (view, row_b, row_h, col_h), or None. Wan's [B, N, H, D] layout gives rows of H * D
-    columns (head h at column h * D); a contiguous [B, H, N, D] gives rows of D."""
+def planes_3d(t: torch.Tensor):
+    """A [B, H, N, D] tensor as the 3-D view TMA reads (rows past N come back as zeros):
+    (view, plane_b, plane_h, col_h), or None. Wan's [B, N, H, D] layout is [B, N, H * D] (plane
+    b, head h at column h * D); a contiguous [B, H, N, D] is [B * H, N, D] (plane b * H + h)."""
     b, h, n, d = t.shape
     if t.stride() == (n * h * d, d, h * d, 1):
-        return t.transpose(1, 2).reshape(b * n, h * d), n, 0, d
+        return t.transpose(1, 2).reshape(b, n, h * d), 1, 0, d
     if t.is_contiguous():
-        return t.reshape(b * h * n, d), h * n, n, 0
+        return t.reshape(b * h, n, d), h, 1, 0
     return None
+
+
+@functools.cache
+def _is_hopper(device_index: int) -> bool:
+    return torch.cuda.get_device_capability(device_index)[0] == 9
+
+
+@functools.cache
+def _smem_layout(block_size: int, head_dim: int, dtype: torch.dtype):
+    gdt = gl.bfloat16 if dtype == torch.bfloat16 else gl.float16
+    return gl.NVMMASharedLayout.get_default_for([1, block_size, head_dim], gdt)
 
 
 def unsupported_reason(q, k, v, block_size: int) -> str | None:
     """Why this kernel cannot take these inputs, or None (it can). The caller has already
-    checked shapes, dtypes and the selection."""
-    if not (q.is_cuda and torch.cuda.get_device_capability(q.device)[0] == 9):
+    checked the shapes and the selection."""
+    if not (q.is_cuda and _is_hopper(q.device.index if q.device.index is not None else torch.cuda.current_device())):
         return "needs a Hopper (sm_90) GPU"
-    if q.dtype not in (torch.bfloat16, torch.float16):
-        return f"needs bf16/fp16, got {q.dtype}"
+    if q.dtype not in (torch.bfloat16, torch.float16) or k.dtype != q.dtype or v.dtype != q.dtype:
+        return f"needs q, k, v all bf16 or all fp16, got {q.dtype}, {k.dtype}, {v.dtype}"
     if block_size not in BLOCK_SIZES or q.shape[-1] not in HEAD_DIMS or v.shape[-1] not in HEAD_DIMS:
         return f"needs block_size in {BLOCK_SIZES} and head dims in {HEAD_DIMS}"
-    views = [rows_2d(t) for t in (q, k, v)]
+    views = [planes_3d(t) for t in (q, k, v)]
     if any(x is None for x in views) or len({x[1:3] for x in views}) != 1 or views[0][3] != views[1][3]:
         return "needs q, k, v in one shared layout: Wan's [B, N, H, D] or contiguous [B, H, N, D]"
     if any(x[0].data_ptr() % 16 for x in views):
@@ -197,26 +220,23 @@ def unsupported_reason(q, k, v, block_size: int) -> str | None:
 
 def block_sparse_attention_gluon(q, k, v, kv_indices, kv_counts, block_size: int, scale: float, out: torch.Tensor,
                                  lse: torch.Tensor, out_bias: torch.Tensor | None = None) -> None:
-    """Fill ``out`` ([B, H, N, DV], any strides) and ``lse`` ([B, H, N] fp32) from a selection's
-    indices and counts (last dimension contiguous). Inputs must pass ``unsupported_reason``."""
+    """Fill ``out`` ([B, H, N, DV], last dimension contiguous) and ``lse`` ([B, H, N] fp32) from a
+    selection's indices and counts (last dimension contiguous). Inputs must pass
+    ``unsupported_reason``."""
     b, h, n, d = q.shape
     dv = v.shape[-1]
-    bs = block_size
-    (q2, row_b, row_h, col_h), (k2, *_), (v2, _, _, col_hv) = (rows_2d(t) for t in (q, k, v))
-    gdt = gl.bfloat16 if q.dtype == torch.bfloat16 else gl.float16
-    qk_layout = gl.NVMMASharedLayout.get_default_for([bs, d], gdt)
-    v_layout = gl.NVMMASharedLayout.get_default_for([bs, dv], gdt)
-    q_desc = TensorDescriptor.from_tensor(q2, [bs, d], qk_layout)
-    k_desc = TensorDescriptor.from_tensor(k2, [bs, d], qk_layout)
-    v_desc = TensorDescriptor.from_tensor(v2, [bs, dv], v_layout)
-    kvi, kvc = kv_indices, kv_counts
-    _bsa_fwd_hopper_kernel[(kvi.shape[2], b * h)](
-        q_desc, k_desc, v_desc, out, lse, kvi, kvc, out_bias if out_bias is not None else lse,
+    (q3, plane_b, plane_h, col_h), (k3, *_), (v3, _, _, col_hv) = (planes_3d(t) for t in (q, k, v))
+    qk_layout = _smem_layout(block_size, d, q.dtype)
+    q_desc = TensorDescriptor.from_tensor(q3, [1, block_size, d], qk_layout)
+    k_desc = TensorDescriptor.from_tensor(k3, [1, block_size, d], qk_layout)
+    v_desc = TensorDescriptor.from_tensor(v3, [1, block_size, dv], _smem_layout(block_size, dv, q.dtype))
+    _bsa_fwd_hopper_kernel[(kv_indices.shape[2], b * h)](
+        q_desc, k_desc, v_desc, out, lse, kv_indices, kv_counts, out_bias if out_bias is not None else lse,
         out.stride(0), out.stride(1), out.stride(2), lse.stride(0), lse.stride(1),
-        kvi.stride(0), kvi.stride(1), kvi.stride(2), kvc.stride(0), kvc.stride(1),
-        h, n, row_b, row_h, col_h, col_hv, float(scale) * LOG2E,
-        BS=bs, D=d, DV=dv, STAGES=STAGES, HAS_OBIAS=out_bias is not None, num_warps=4,
+        kv_indices.stride(0), kv_indices.stride(1), kv_indices.stride(2), kv_counts.stride(0), kv_counts.stride(1),
+        h, n, plane_b, plane_h, col_h, col_hv, float(scale) * LOG2E,
+        BS=block_size, D=d, DV=dv, STAGES=STAGES, HAS_OBIAS=out_bias is not None, num_warps=4,
     )
 
 
-__all__ = ["block_sparse_attention_gluon", "rows_2d", "unsupported_reason"]
+__all__ = ["block_sparse_attention_gluon", "planes_3d", "unsupported_reason"]

@@ -19,17 +19,20 @@ the Proj-folded state straight into the output.
 from __future__ import annotations
 
 import functools
+import logging
 import os
 
 import torch
 import triton
 import triton.language as tl
+from triton.compiler.errors import CompilationError
 
 from ..layout import out_like, rowmajor
 from ..selection import BlockSelection
 from .naive import from_working_order, to_working_order
 
 LOG2E = 1.4426950408889634
+log = logging.getLogger("salad")
 
 
 def interpreting() -> bool:
@@ -56,9 +59,17 @@ POISON_OUTPUTS = False
 USE_GLUON = True
 
 
+# Gluon is experimental and its API moves between releases: the kernel is compiled and tested with
+# Triton 3.6 (H100) and 3.8 (sm_90 compile test on CPU); older releases keep the Triton kernel.
+GLUON_MIN_TRITON = (3, 6)
+_gluon_failed = False  # set when the Gluon kernel failed to compile in this process
+
+
 @functools.cache
 def _gluon_module():
-    """kernels.block_sparse_attn.gluon, or None when this Triton has no Gluon for Hopper."""
+    """kernels.block_sparse_attn.gluon, or None when this Triton has no usable Gluon for Hopper."""
+    if tuple(int(x) for x in triton.__version__.split(".")[:2]) < GLUON_MIN_TRITON:
+        return None
     try:
         from . import gluon
     except ImportError:
@@ -66,15 +77,35 @@ def _gluon_module():
     return gluon
 
 
+def _gluon_compile_failed(exc: Exception) -> None:
+    global _gluon_failed
+    _gluon_failed = True
+    last = str(exc).strip().splitlines()[-1] if str(exc).strip() else type(exc).__name__
+    log.warning(
+        "SALAD: the Hopper sparse-attention kernel (Gluon) failed with Triton %s (%s); "
+        "using the portable Triton kernel, about 5-10%% slower. Try Triton %s or newer.",
+        triton.__version__, last[:200], ".".join(map(str, GLUON_MIN_TRITON)),
+    )
+
+
 def sparse_forward_kernel(q, k, v, selection: BlockSelection) -> str:
     """Which kernel block_sparse_attention_triton runs for these inputs: "gluon" (Hopper,
     contiguous rows, see gluon.unsupported_reason) or "triton"."""
-    if not USE_GLUON or selection.token_order is not None or interpreting():
+    if not USE_GLUON or _gluon_failed or selection.token_order is not None or interpreting():
         return "triton"
     mod = _gluon_module()
-    if mod is None or mod.unsupported_reason(rowmajor(q), rowmajor(k), rowmajor(v), selection.block_size):
+    if mod is None:
+        return "triton"
+    reason = mod.unsupported_reason(rowmajor(q), rowmajor(k), rowmajor(v), selection.block_size)
+    if reason:
+        _debug_once(f"SALAD: Triton sparse kernel, not the Hopper one: it {reason}.")
         return "triton"
     return "gluon"
+
+
+@functools.cache
+def _debug_once(message: str) -> None:
+    log.debug(message)
 
 
 @triton.jit
@@ -228,8 +259,11 @@ def _launch(q, k, v, selection: BlockSelection, scale, order, out_bias=None):
         for t in (out, lse):
             t.fill_(float("nan"))
     if not has_order and sparse_forward_kernel(q, k, v, selection) == "gluon":
-        _gluon_module().block_sparse_attention_gluon(q, k, v, kvi, kvc, bs, scale, out, lse, out_bias)
-        return out, lse
+        try:
+            _gluon_module().block_sparse_attention_gluon(q, k, v, kvi, kvc, bs, scale, out, lse, out_bias)
+            return out, lse
+        except (CompilationError, TypeError, AttributeError) as exc:  # API drift: fails before launch
+            _gluon_compile_failed(exc)
     dummy = kvc
     use_tma = USE_TMA and not has_order and not interpreting() and _tma_ok(k, v)
     kd = vd = dummy
