@@ -82,7 +82,7 @@ def block_sparse_attention_torch(
     qb, kb, vb = blocks(q), blocks(k), blocks(v)
     slot_ok = valid_mask(selection)  # [B, H, nb, max_kv]
     token_ok = (torch.arange(nb * bs, device=q.device) < n).view(nb, bs)
-    out = torch.empty(b, h, nb, bs, d, dtype=torch.float32, device=q.device)
+    out = torch.empty(b, h, nb, bs, v.shape[-1], dtype=torch.float32, device=q.device)
     lse = torch.empty(b, h, nb, bs, dtype=torch.float32, device=q.device)
     per_block = b * h * bs * max_kv * bs
     chunk = max(1, max_chunk_elements // per_block)
@@ -103,7 +103,7 @@ def block_sparse_attention_torch(
         block_lse = scores.logsumexp(-1)
         out[:, :, start:stop] = torch.softmax(scores, -1) @ vg
         lse[:, :, start:stop] = block_lse
-    out = out.view(b, h, nb * bs, d)[:, :, :n]
+    out = out.view(b, h, nb * bs, v.shape[-1])[:, :, :n]
     lse = lse.view(b, h, nb * bs)[:, :, :n]
     out = from_working_order(out, order)
     lse = from_working_order(lse, order)
