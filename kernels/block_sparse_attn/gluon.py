@@ -14,8 +14,8 @@ exp2, natural-log LSE, optional per-head output bias), for rows that need no gat
 - TMA reads 3-D views ([B, N, H * D] or [B * H, N, D]) so rows past N come back as zeros, as in
   the Triton kernel: a neighbouring batch's or head's Inf could otherwise reach P V as 0 * Inf.
 
-H100, Top-K 90 %, against the Triton kernel in the same run: 1.3B shape 1.377 vs 1.540 ms, 14B
-26.15 vs 27.34 ms (``bench/results/attention-h100-s6.md``; notes in attention-NOTES.md, session 6).
+H100, Top-K 90 %, against the Triton kernel in the same run: 1.3B shape 1.347 vs 1.539 ms, 14B
+26.07 vs 27.09 ms (``bench/results/attention-h100-s6b.md``; notes in attention-NOTES.md, session 6).
 The kernel is bound by L2 -> SM traffic (each 64-row query block streams its own 51 K/V
 tiles): in an ablation run where it took 1.44 ms, it still took 1.31 ms without the softmax and
 0.87 ms with neither loads nor softmax (``attention-h100-s6-ablation.json``).

@@ -54,8 +54,8 @@ USE_TMA = True
 # Tests set this: outputs start as NaN so an unwritten element can't pass.
 POISON_OUTPUTS = False
 
-# Hopper: the Gluon kernel for rows that need no gather (H100, Top-K 90 %: 1.3B 1.377 vs 1.540 ms,
-# 14B 26.15 vs 27.34 ms, attention-h100-s6). Benchmarks turn it off to time this file's kernel.
+# Hopper: the Gluon kernel for rows that need no gather (H100, Top-K 90 %: 1.3B 1.347 vs 1.539 ms,
+# 14B 26.07 vs 27.09 ms, attention-h100-s6b). Benchmarks turn it off to time this file's kernel.
 USE_GLUON = True
 
 
