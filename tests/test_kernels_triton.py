@@ -24,7 +24,6 @@ from kernels.block_select.naive import (
 from kernels.block_sparse_attn.naive import block_sparse_attention_naive, block_sparse_attention_torch
 from kernels.linear_attn.naive import linear_attention_naive, linear_attention_torch
 from kernels.layout import out_like
-from kernels.selection import num_blocks
 
 INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
 HAS_CUDA = torch.cuda.is_available()
@@ -33,8 +32,10 @@ HAS_CUDA = torch.cuda.is_available()
 def is_hopper() -> bool:
     """Asked inside GPU tests only: no CUDA initialisation at collection."""
     return HAS_CUDA and torch.cuda.get_device_capability()[0] == 9
+
+
 try:
-    import triton  # noqa: F401
+    import triton
 
     HAS_TRITON = True
 except ImportError:  # pragma: no cover
@@ -543,8 +544,6 @@ def _ptxas_verdict(dtype_name, d, dv, has_bias, tmp_path):
     arguments are plain i32 here, without the divisibility hints a real launch specialises on.)"""
     import subprocess
     import sys
-
-    import triton
 
     ptxas = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "ptxas")
     if not os.path.exists(ptxas):

@@ -258,7 +258,7 @@ def _launch(q, k, v, selection: BlockSelection, scale, order, out_bias=None):
     if POISON_OUTPUTS:
         for t in (out, lse):
             t.fill_(float("nan"))
-    if not has_order and sparse_forward_kernel(q, k, v, selection) == "gluon":
+    if sparse_forward_kernel(q, k, v, selection) == "gluon":  # never with a token order
         try:
             _gluon_module().block_sparse_attention_gluon(q, k, v, kvi, kvc, bs, scale, out, lse, out_bias)
             return out, lse
