@@ -22,7 +22,11 @@ export OMP_NUM_THREADS="${OMP_NUM_THREADS:-4}" NCCL_DEBUG="${NCCL_DEBUG:-WARN}"
 source bench/gpu_env.sh
 export PYTORCH_CUDA_ALLOC_CONF="${PYTORCH_CUDA_ALLOC_CONF:-expandable_segments:True}"
 NGPU=$(nvidia-smi -L 2>/dev/null | grep -c '^GPU')
-LOG="$OUT/train-scale-gpu.txt"
+# One summary log and one launch log per model, so a call running both models returns few files
+# (the device tool brings back at most 8).
+LOG="$OUT/train-scale-gpu-$MODEL.txt"
+LAUNCHES="$OUT/train-scale-$MODEL-launches.log"
+: > "$LAUNCHES"
 {
   date -u; echo "MODEL=$MODEL FRAMES=$FRAMES NGPU=$NGPU args: $*"
   nvidia-smi --query-gpu=name,driver_version,clocks.sm,clocks.max.sm,temperature.gpu,memory.used --format=csv
@@ -37,10 +41,11 @@ for N in ${NS:-1 2 4}; do
   start=$(date +%s)
   timeout -s TERM -k 15 "$t" $PY -m torch.distributed.run --standalone --nproc-per-node "$N" \
     bench/train_scale.py --model "$MODEL" --frames "$FRAMES" --steps "${STEPS:-2}" --budget-s "$((t - 25))" \
-    --out "$OUT" --run-dir "/tmp/salad-train-scale-$N" "$@" > "$OUT/train-scale-$MODEL-n$N.log" 2>&1
+    --out "$OUT" --run-dir "/tmp/salad-train-scale-$N" "$@" > "/tmp/train-scale-$MODEL-n$N.log" 2>&1
   rc=$?
-  grep -v '^{' "$OUT/train-scale-$MODEL-n$N.log" | grep -E '\[train_scale\]|Error|error:|OutOfMemory' | tail -14 | tee -a "$LOG"
+  { echo "==== N=$N rc=$rc"; cat "/tmp/train-scale-$MODEL-n$N.log"; } >> "$LAUNCHES"
+  grep -E '\[train_scale\]|Error|error:|OutOfMemory' "/tmp/train-scale-$MODEL-n$N.log" | tail -14 | tee -a "$LOG"
   echo "== N=$N rc=$rc $(( $(date +%s) - start ))s" | tee -a "$LOG"
-  [ "$rc" -ne 0 ] && tail -20 "$OUT/train-scale-$MODEL-n$N.log" | tee -a "$LOG"
+  [ "$rc" -ne 0 ] && tail -20 "/tmp/train-scale-$MODEL-n$N.log" | tee -a "$LOG"
 done
 cat "$OUT"/train-scale-h*.md 2>/dev/null | tail -40
