@@ -75,7 +75,12 @@ def apply_salad(model_patcher, config: SaladConfig, weights: SaladWeights | None
         if layer not in drop and not branch.projection_is_zero():
             active.add(layer)
 
-    runtime = SaladRuntime(config, info, frozenset(active), source)
+    runtime = SaladRuntime(config, info, frozenset(active), source, sum(_state_bytes(b) for b in branches))
+    # ComfyUI plans what to unload and how much of a model to keep on the GPU from the patcher's
+    # model_size(), which a clone copies from its parent: count SALAD's branch weights in it
+    # (and not those of an earlier SALAD patch on ``model_patcher``, which this one replaces).
+    earlier = salad_runtime(model_patcher)
+    clone.size = model_patcher.model_size() - (earlier.branch_bytes if earlier is not None else 0) + runtime.branch_bytes
     for layer, branch in enumerate(branches):
         module = SaladSelfAttention(
             stock_self_attention(model_patcher, layer), layer, branch, runtime, comfy.ldm.flux.math.apply_rope1
@@ -90,6 +95,10 @@ def apply_salad(model_patcher, config: SaladConfig, weights: SaladWeights | None
         source, config.sparse_mode, config.sparsity, len(active), info.num_layers, len(drop), config.backend,
     )
     return clone
+
+
+def _state_bytes(module: torch.nn.Module) -> int:
+    return sum(t.nelement() * t.element_size() for t in module.state_dict().values())
 
 
 def branch_dtype(weight_dtype: torch.dtype, compute_dtype: torch.dtype | None) -> torch.dtype:

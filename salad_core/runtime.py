@@ -31,11 +31,13 @@ class CallInfo:
 
 
 class SaladRuntime:
-    def __init__(self, config: SaladConfig, info: WanModelInfo, linear_layers: frozenset[int], source: str):
+    def __init__(self, config: SaladConfig, info: WanModelInfo, linear_layers: frozenset[int], source: str,
+                 branch_bytes: int = 0):
         self.config = config
         self.info = info
         self.linear_layers = linear_layers
         self.source = source
+        self.branch_bytes = branch_bytes  # SALAD's own weights (Proj, gate, scale) in a ModelPatcher
         self.stats = SaladStats(info.num_layers)
         self._stswa_cache: dict = {}
         self._windows_cache: dict = {}

@@ -77,6 +77,27 @@ def test_patch_replaces_every_block_and_never_mutates_the_input(base, inputs, ru
     assert type(base.model.diffusion_model.blocks[0].self_attn).__name__ == "WanSelfAttention"
 
 
+def test_model_size_counts_salad_weights_once(base):
+    """ComfyUI plans unloading and partial loads from model_size(): the SALAD clone's must be what
+    ComfyUI itself measures on the patched model, also when SALAD is applied over SALAD."""
+    import comfy.model_management
+
+    stock_size = base.model_size()
+    patched = apply_salad(base, SaladConfig(block_size=BLOCK))
+    again = apply_salad(patched, SaladConfig(block_size=BLOCK, sparsity=0.5))
+    assert base.model_size() == stock_size
+    info = wan_info(base.model.diffusion_model)
+    itemsize = patched.object_patches[self_attn_key(0)].salad.proj.weight.element_size()
+    branch = info.num_layers * (info.dim * info.dim + 2 * info.dim + 2) * itemsize  # Proj W, b; gate w, b; scale
+    assert patched.model_size() == again.model_size() == stock_size + branch
+    for model in (patched, again):
+        model.patch_model()
+        try:
+            assert comfy.model_management.module_size(model.model) == model.model_size()
+        finally:
+            model.unpatch_model()
+
+
 def test_removing_the_patch_from_the_clone_is_bit_identical(base, inputs, run_wan):
     import comfy.patcher_extension
 
