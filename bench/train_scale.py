@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import argparse
 import datetime
+import gc
 import json
 import math
 import os
@@ -337,6 +338,11 @@ def main(argv=None) -> int:
             sp = f"  ({r['speedup']:.3f}x {r['baseline_case']})" if r.get("speedup") else ""
             print(f"[train_scale] {r['case']} {r['shape']} {r['metric']} = {r['value']:.4g}{sp}", flush=True)
         print(f"[train_scale] wrote {path}", flush=True)
+    # FSDP2 / DDP state holds communication work on the process group: free it before the group
+    # goes (a gloo rank once aborted in teardown with "terminate called without an active
+    # exception", in CI, after writing its results; not reproduced since).
+    del trainer, model
+    gc.collect()
     if torch.distributed.is_initialized():
         torch.distributed.barrier()
         torch.distributed.destroy_process_group()

@@ -37,15 +37,15 @@ declare -A T=([1]="${T_1:-220}" [2]="${T_2:-150}" [4]="${T_4:-120}" [8]="${T_8:-
 for N in ${NS:-1 2 4}; do
   if [ "$N" -gt "$NGPU" ]; then echo "skip N=$N: $NGPU GPU(s)" | tee -a "$LOG"; continue; fi
   t=${T[$N]:-120}
-  echo "== N=$N MODEL=$MODEL FRAMES=$FRAMES limit ${t}s" | tee -a "$LOG"
+  echo "== N=$N MODEL=$MODEL FRAMES=$FRAMES limit ${t}s" | tee -a "$LOG" "$LAUNCHES"
   start=$(date +%s)
   timeout -s TERM -k 15 "$t" $PY -m torch.distributed.run --standalone --nproc-per-node "$N" \
     bench/train_scale.py --model "$MODEL" --frames "$FRAMES" --steps "${STEPS:-2}" --budget-s "$((t - 25))" \
-    --out "$OUT" --run-dir "/tmp/salad-train-scale-$N" "$@" > "/tmp/train-scale-$MODEL-n$N.log" 2>&1
-  rc=$?
-  { echo "==== N=$N rc=$rc"; cat "/tmp/train-scale-$MODEL-n$N.log"; } >> "$LAUNCHES"
+    --out "$OUT" --run-dir "/tmp/salad-train-scale-$N" "$@" 2>&1 | tee "/tmp/train-scale-$MODEL-n$N.log" >> "$LAUNCHES"
+  rc=${PIPESTATUS[0]}  # written to $OUT as it runs: a launch cut off by the call's limit still comes back
+  echo "==== N=$N rc=$rc" >> "$LAUNCHES"
   grep -E '\[train_scale\]|Error|error:|OutOfMemory' "/tmp/train-scale-$MODEL-n$N.log" | tail -14 | tee -a "$LOG"
   echo "== N=$N rc=$rc $(( $(date +%s) - start ))s" | tee -a "$LOG"
   [ "$rc" -ne 0 ] && tail -20 "/tmp/train-scale-$MODEL-n$N.log" | tee -a "$LOG"
 done
-cat "$OUT"/train-scale-h*.md 2>/dev/null | tail -40
+cat "$OUT"/train-scale-h*.md 2>/dev/null | tail -40 || true

@@ -11,7 +11,7 @@
       --data data/ --out runs/mine [--objective flow|distill] [--fsdp]
   # -> runs/mine/salad.safetensors, for models/salad/ and the SALAD Apply node
 
-Needs ComfyUI importable: run from inside a ComfyUI checkout, or set COMFYUI_PATH.
+Needs ComfyUI importable: run from this pack's folder with COMFYUI_PATH set to your ComfyUI folder.
 """
 
 from __future__ import annotations
