@@ -87,7 +87,8 @@ def apply_salad(model_patcher, config: SaladConfig, weights: SaladWeights | None
         )
         clone.add_object_patch(self_attn_key(layer), module)
 
-    clone.add_wrapper_with_key(comfy.patcher_extension.WrappersMP.DIFFUSION_MODEL, WRAPPER_KEY, _diffusion_model_wrapper(runtime))
+    clone.add_wrapper_with_key(comfy.patcher_extension.WrappersMP.DIFFUSION_MODEL, WRAPPER_KEY,
+                               _diffusion_model_wrapper(runtime, tuple(branches), model_patcher.model))
     clone.add_wrapper_with_key(comfy.patcher_extension.WrappersMP.OUTER_SAMPLE, WRAPPER_KEY, _outer_sample_wrapper(runtime))
     clone.set_attachments(ATTACHMENT_KEY, runtime)
     log.info(
@@ -162,12 +163,29 @@ def _begin_call(runtime: SaladRuntime, x: torch.Tensor, patch_size, time_dim_con
     return call
 
 
-def _diffusion_model_wrapper(runtime: SaladRuntime):
+def place_branches(branches, base_model, device: torch.device) -> None:
+    """Move SALAD's branch modules to ``device`` unless ComfyUI loaded the model partially.
+
+    ComfyUI loads a patcher's modules only when it loads the model: if another patcher with
+    the same weight patches (the dense model, in a graph that compares both) already loaded it
+    fully, ModelPatcher.partially_load returns early, and the branches stay where apply_salad
+    made them (on the CPU when the model was offloaded then). In a partial (lowvram) load
+    ComfyUI places and casts them itself."""
+    if getattr(base_model, "model_lowvram", False):
+        return
+    for branch in branches:
+        if branch.proj.weight.device != device:
+            branch.to(device)
+
+
+def _diffusion_model_wrapper(runtime: SaladRuntime, branches: tuple, base_model):
     # Wrapped here, not as a decorator: torch.compiler.disable imports Dynamo (and Triton), which
     # salad_core must not do at import time.
     begin_call = torch.compiler.disable(_begin_call)
+    place = torch.compiler.disable(place_branches)
 
     def wrapper(executor, x, timestep, context, clip_fea=None, time_dim_concat=None, transformer_options={}, **kwargs):
+        place(branches, base_model, x.device)
         call = begin_call(runtime, x, executor.class_obj.patch_size, time_dim_concat, transformer_options)
         # A copy, so nothing SALAD adds outlives this call.
         options = {**transformer_options, CALL_KEY: call}

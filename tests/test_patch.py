@@ -98,6 +98,25 @@ def test_model_size_counts_salad_weights_once(base):
             model.unpatch_model()
 
 
+def test_branches_follow_the_call_device_unless_comfyui_loaded_partially():
+    """place_branches (the GPU flows are in test_comfy_gpu_loading.py): a fully loaded model's
+    branches move to the call's device once; a partial (lowvram) load leaves them to ComfyUI.
+    The meta device stands in for a GPU on a CPU machine."""
+    from types import SimpleNamespace
+
+    from salad_core.attention import SaladBranch
+    from salad_core.patch import place_branches
+
+    def devices(branches):
+        return {p.device.type for b in branches for p in b.parameters()}
+
+    branches = [SaladBranch(32), SaladBranch(32)]
+    place_branches(branches, SimpleNamespace(model_lowvram=True), torch.device("meta"))
+    assert devices(branches) == {"cpu"}
+    place_branches(branches, SimpleNamespace(model_lowvram=False), torch.device("meta"))
+    assert devices(branches) == {"meta"}
+
+
 def test_removing_the_patch_from_the_clone_is_bit_identical(base, inputs, run_wan):
     import comfy.patcher_extension
 
