@@ -87,9 +87,15 @@ def apply_salad(model_patcher, config: SaladConfig, weights: SaladWeights | None
         )
         clone.add_object_patch(self_attn_key(layer), module)
 
-    clone.add_wrapper_with_key(comfy.patcher_extension.WrappersMP.DIFFUSION_MODEL, WRAPPER_KEY,
+    ext = comfy.patcher_extension
+    # Applied over an earlier SALAD patch: its wrappers and callback go (add_* appends).
+    for kind in (ext.WrappersMP.DIFFUSION_MODEL, ext.WrappersMP.OUTER_SAMPLE):
+        clone.remove_wrappers_with_key(kind, WRAPPER_KEY)
+    clone.remove_callbacks_with_key(ext.CallbacksMP.ON_DETACH, WRAPPER_KEY)
+    clone.add_wrapper_with_key(ext.WrappersMP.DIFFUSION_MODEL, WRAPPER_KEY,
                                _diffusion_model_wrapper(runtime, tuple(branches), model_patcher.model))
-    clone.add_wrapper_with_key(comfy.patcher_extension.WrappersMP.OUTER_SAMPLE, WRAPPER_KEY, _outer_sample_wrapper(runtime))
+    clone.add_wrapper_with_key(ext.WrappersMP.OUTER_SAMPLE, WRAPPER_KEY, _outer_sample_wrapper(runtime))
+    clone.add_callback_with_key(ext.CallbacksMP.ON_DETACH, WRAPPER_KEY, unpin_branches)
     clone.set_attachments(ATTACHMENT_KEY, runtime)
     log.info(
         "SALAD: %s, %s mode, sparsity %.2f, linear branch in %d/%d layers (%d dropped), backend %s",
@@ -164,18 +170,29 @@ def _begin_call(runtime: SaladRuntime, x: torch.Tensor, patch_size, time_dim_con
 
 
 def place_branches(branches, base_model, device: torch.device) -> None:
-    """Move SALAD's branch modules to ``device`` unless ComfyUI loaded the model partially.
+    """Move SALAD's branch weights to ``device`` where ComfyUI's loader left them elsewhere.
 
     ComfyUI loads a patcher's modules only when it loads the model: if another patcher with
     the same weight patches (the dense model, in a graph that compares both) already loaded it
     fully, ModelPatcher.partially_load returns early, and the branches stay where apply_salad
-    made them (on the CPU when the model was offloaded then). In a partial (lowvram) load
-    ComfyUI places and casts them itself."""
-    if getattr(base_model, "model_lowvram", False):
-        return
+    made them (on the CPU when the model was offloaded then): move them. In a partial (lowvram)
+    load ComfyUI places and casts Proj and the gate itself; the scale (a parameter outside any
+    leaf module, which ComfyUI's loader skips) is moved always, so no call copies it."""
+    lowvram = getattr(base_model, "model_lowvram", False)
     for branch in branches:
-        if branch.proj.weight.device != device:
+        if branch.scale.device != device:  # a new Parameter: inference only, nothing holds the old one
+            branch.scale = torch.nn.Parameter(branch.scale.detach().to(device), requires_grad=branch.scale.requires_grad)
+        if not lowvram and any(p.device != device for p in branch.parameters()):
             branch.to(device)
+
+
+def unpin_branches(model_patcher, unpatch_all: bool) -> None:
+    """ON_DETACH: unpin SALAD's weights while its modules are still attached. ComfyUI unpins by
+    key path; a patcher of the same model with the same weights (the dense model) restores the
+    stock modules without unpinning, after which the path no longer resolves and ComfyUI's next
+    unpin_all_weights raises."""
+    for key in [k for k in model_patcher.pinned if ".salad." in k]:
+        model_patcher.unpin_weight(key)
 
 
 def _diffusion_model_wrapper(runtime: SaladRuntime, branches: tuple, base_model):

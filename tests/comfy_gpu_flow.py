@@ -8,6 +8,7 @@ devices of SALAD's branch weights after sampling.
 
 FLOW: salad_first | dense_then_salad (the dense sampler loads the model first, as in a graph
 that compares both) | lowvram (ComfyUI's --novram: weights stay on the CPU, cast per call) |
+lowvram_then_dense (then the dense model samples and every model is unloaded) |
 torch, fp32_torch (backend torch, bf16 or fp32 model: the references) | cfg, cfg_torch,
 cfg_fp32_torch (cfg 5: cond and uncond batched) | fp8, fp8_torch (weights stored in fp8, as
 UNETLoader's weight_dtype) | compiled (ComfyUI's torch.compile node, on SALAD and on dense).
@@ -21,7 +22,7 @@ import sys
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
-FLOWS = ("salad_first", "dense_then_salad", "lowvram", "torch", "fp32_torch", "cfg", "cfg_torch", "cfg_fp32_torch",
+FLOWS = ("salad_first", "dense_then_salad", "lowvram", "lowvram_then_dense", "torch", "fp32_torch", "cfg", "cfg_torch", "cfg_fp32_torch",
          "fp8", "fp8_torch", "compiled")
 
 
@@ -36,7 +37,8 @@ def main(flow: str, out: Path) -> None:
     import torch
 
     args.cpu = not torch.cuda.is_available()  # a smoke run on a CPU machine
-    args.novram = flow == "lowvram"
+    args.novram = flow.startswith("lowvram")
+    import comfy.model_management
     import comfy.sample
     import comfy.sd
     from safetensors.torch import save_file
@@ -78,10 +80,13 @@ def main(flow: str, out: Path) -> None:
         sample(base)
     result = {"salad": sample(salad).contiguous()}
     devices = sorted({str(p.device) for m in salad.object_patches.values() for p in m.salad.parameters()})
+    pinned = sum(".salad." in k for k in salad.pinned)
     result["dense"] = sample(dense).contiguous()
+    if flow == "lowvram_then_dense":
+        comfy.model_management.unload_all_models()  # unpins every pinned weight by its key path
     out.mkdir(parents=True, exist_ok=True)
     save_file(result, str(out / f"{flow}.safetensors"))
-    (out / f"{flow}.json").write_text(json.dumps({"branch_devices": devices}))
+    (out / f"{flow}.json").write_text(json.dumps({"branch_devices": devices, "salad_keys_pinned": pinned}))
 
 
 if __name__ == "__main__":

@@ -4,8 +4,9 @@ that samples the dense model first (ComfyUI then skips loading the SALAD patcher
 partial (lowvram) load, cfg > 1 (cond and uncond batched), fp8-stored weights and ComfyUI's
 torch.compile node. Results are the models' part of the final latent on a tiny Wan2.1.
 
-Tolerances: the same path reached two ways agrees to SAME_TOL; the Triton kernels' error
-against an fp32 torch-backend run is at most twice the bf16 torch backend's."""
+Tolerances: the same path reached two ways gives the same result (bitwise on an H100: SAME_TOL
+only absorbs a last-bit change); the Triton kernels' error against an fp32 torch-backend run is
+at most twice the bf16 torch backend's."""
 
 from __future__ import annotations
 
@@ -18,7 +19,7 @@ from pathlib import Path
 import pytest
 
 FLOW = Path(__file__).with_name("comfy_gpu_flow.py")
-SAME_TOL = 1e-3
+SAME_TOL = 1e-6
 SALAD_ACTIVE = 0.05  # rel. L2 of SALAD's result from the dense model's, at least (CPU: 0.44-0.49)
 
 
@@ -40,7 +41,9 @@ def flow(comfy, tmp_path_factory):
                                   timeout=600)
             assert proc.returncode == 0, f"{name} failed:\n{proc.stderr[-3000:]}"
             t = load_file(str(out / f"{name}.safetensors"))
-            done[name] = t["salad"], t["dense"], json.loads((out / f"{name}.json").read_text())["branch_devices"]
+            info = json.loads((out / f"{name}.json").read_text())
+            print(f"{name}: {info}")
+            done[name] = t["salad"], t["dense"], info["branch_devices"]
             assert rel(t["salad"], t["dense"]) > SALAD_ACTIVE, (name, rel(t["salad"], t["dense"]))  # SALAD ran
         return done[name]
 
@@ -53,12 +56,16 @@ def torch_error(flow, prefix=""):
 
 
 @pytest.mark.gpu
-@pytest.mark.parametrize("name,devices", [("dense_then_salad", ["cuda:0"]), ("lowvram", ["cpu"])])
+@pytest.mark.parametrize("name,devices", [
+    ("dense_then_salad", ["cuda:0"]), ("lowvram", ["cpu", "cuda:0"]), ("lowvram_then_dense", ["cpu", "cuda:0"]),
+])
 def test_same_result_however_comfyui_loads_it(flow, name, devices):
     """After a dense load SALAD's branches are moved to the GPU once (not copied at every call);
-    in a partial load ComfyUI keeps them on the CPU and casts them per call."""
+    in a partial load ComfyUI keeps Proj and the gate on the CPU and casts them per call (the
+    scale, 2 bytes, is moved); unloading after a dense run of the same model does not raise."""
     salad, _, placed = flow(name)
     assert placed == devices
+    print(f"{name} vs salad_first: rel L2 {rel(salad, flow('salad_first')[0]):.2e}")
     assert rel(salad, flow("salad_first")[0]) <= SAME_TOL
 
 
@@ -73,9 +80,10 @@ def test_kernels_within_twice_the_torch_error(flow, prefix):
 
 @pytest.mark.gpu
 def test_fp8_weights_kernels_match_torch(flow):
-    err = rel(flow("fp8")[0], flow("fp8_torch")[0])
-    print(f"fp8 kernels vs torch {err:.2e}, bf16 torch error {torch_error(flow):.2e}")
-    assert err <= 2 * torch_error(flow)
+    """Kernels against the torch backend on fp8-stored weights: within twice their bf16 gap."""
+    err, bf16_gap = rel(flow("fp8")[0], flow("fp8_torch")[0]), rel(flow("salad_first")[0], flow("torch")[0])
+    print(f"fp8 kernels vs torch {err:.2e}, bf16 kernels vs torch {bf16_gap:.2e}")
+    assert err <= 2 * bf16_gap
 
 
 @pytest.mark.gpu

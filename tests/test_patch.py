@@ -99,22 +99,55 @@ def test_model_size_counts_salad_weights_once(base):
 
 
 def test_branches_follow_the_call_device_unless_comfyui_loaded_partially():
-    """place_branches (the GPU flows are in test_comfy_gpu_loading.py): a fully loaded model's
-    branches move to the call's device once; a partial (lowvram) load leaves them to ComfyUI.
-    The meta device stands in for a GPU on a CPU machine."""
+    """place_branches (the GPU flows are in test_comfy_gpu_loading.py): in a full load every
+    branch weight moves to the call's device once; in a partial (lowvram) load Proj and the gate
+    stay where ComfyUI put them and only the scale moves. The meta device stands in for a GPU."""
     from types import SimpleNamespace
 
     from salad_core.attention import SaladBranch
     from salad_core.patch import place_branches
 
-    def devices(branches):
-        return {p.device.type for b in branches for p in b.parameters()}
+    def devices(branches, part):
+        return {p.device.type for b in branches for p in getattr(b, part).parameters()}
 
+    meta = torch.device("meta")
     branches = [SaladBranch(32), SaladBranch(32)]
-    place_branches(branches, SimpleNamespace(model_lowvram=True), torch.device("meta"))
-    assert devices(branches) == {"cpu"}
-    place_branches(branches, SimpleNamespace(model_lowvram=False), torch.device("meta"))
-    assert devices(branches) == {"meta"}
+    place_branches(branches, SimpleNamespace(model_lowvram=True), meta)
+    assert devices(branches, "proj") == devices(branches, "gate") == {"cpu"}
+    assert {b.scale.device.type for b in branches} == {"meta"}
+    place_branches(branches, SimpleNamespace(model_lowvram=False), meta)  # Proj on the CPU, scale already there
+    assert devices(branches, "proj") == devices(branches, "gate") == {"meta"}
+
+
+def test_salad_over_salad_keeps_one_set_of_wrappers_and_callbacks(base):
+    import comfy.patcher_extension as ext
+
+    again = apply_salad(apply_salad(base, SaladConfig(block_size=BLOCK)), SaladConfig(block_size=BLOCK, sparsity=0.5))
+    for kind in (ext.WrappersMP.DIFFUSION_MODEL, ext.WrappersMP.OUTER_SAMPLE):
+        assert len(again.get_wrappers(kind, "salad")) == 1, kind
+    assert len(again.get_callbacks(ext.CallbacksMP.ON_DETACH, "salad")) == 1
+
+
+def test_detach_unpins_salad_weights_only(base, monkeypatch):
+    """A lowvram load pins offloaded weights by key path; SALAD's must be unpinned while its
+    modules are attached, or a dense load of the same model strands keys that no longer resolve."""
+    import comfy.model_management
+
+    from salad_core.patch import unpin_branches
+
+    unpinned = []
+    monkeypatch.setattr(comfy.model_management, "unpin_memory", lambda t: unpinned.append(t) or True)
+    patched = apply_salad(base, SaladConfig(block_size=BLOCK))
+    salad_key, stock_key = "diffusion_model.blocks.0.self_attn.salad.proj.weight", "diffusion_model.blocks.0.self_attn.q.weight"
+    patched.patch_model()
+    try:
+        patched.pinned.update({salad_key, stock_key})
+        unpin_branches(patched, False)
+        assert patched.pinned == {stock_key}
+        assert unpinned == [patched.object_patches[self_attn_key(0)].salad.proj.weight]
+    finally:
+        patched.pinned.clear()
+        patched.unpatch_model()
 
 
 def test_removing_the_patch_from_the_clone_is_bit_identical(base, inputs, run_wan):
