@@ -91,11 +91,13 @@ def apply_salad(model_patcher, config: SaladConfig, weights: SaladWeights | None
     # Applied over an earlier SALAD patch: its wrappers and callback go (add_* appends).
     for kind in (ext.WrappersMP.DIFFUSION_MODEL, ext.WrappersMP.OUTER_SAMPLE):
         clone.remove_wrappers_with_key(kind, WRAPPER_KEY)
-    clone.remove_callbacks_with_key(ext.CallbacksMP.ON_DETACH, WRAPPER_KEY)
+    for kind in (ext.CallbacksMP.ON_LOAD, ext.CallbacksMP.ON_DETACH):
+        clone.remove_callbacks_with_key(kind, WRAPPER_KEY)
     clone.add_wrapper_with_key(ext.WrappersMP.DIFFUSION_MODEL, WRAPPER_KEY,
                                _diffusion_model_wrapper(runtime, tuple(branches), model_patcher.model))
     clone.add_wrapper_with_key(ext.WrappersMP.OUTER_SAMPLE, WRAPPER_KEY, _outer_sample_wrapper(runtime))
-    clone.add_callback_with_key(ext.CallbacksMP.ON_DETACH, WRAPPER_KEY, unpin_branches)
+    for kind in (ext.CallbacksMP.ON_LOAD, ext.CallbacksMP.ON_DETACH):
+        clone.add_callback_with_key(kind, WRAPPER_KEY, unpin_branches)
     clone.set_attachments(ATTACHMENT_KEY, runtime)
     log.info(
         "SALAD: %s, %s mode, sparsity %.2f, linear branch in %d/%d layers (%d dropped), backend %s",
@@ -180,19 +182,32 @@ def place_branches(branches, base_model, device: torch.device) -> None:
     leaf module, which ComfyUI's loader skips) is moved always, so no call copies it."""
     lowvram = getattr(base_model, "model_lowvram", False)
     for branch in branches:
-        if branch.scale.device != device:  # a new Parameter: inference only, nothing holds the old one
-            branch.scale = torch.nn.Parameter(branch.scale.detach().to(device), requires_grad=branch.scale.requires_grad)
+        if branch.scale.device != device:
+            branch._apply(lambda t: t.to(device), recurse=False)  # Module.to for the scale alone
         if not lowvram and any(p.device != device for p in branch.parameters()):
             branch.to(device)
 
 
-def unpin_branches(model_patcher, unpatch_all: bool) -> None:
-    """ON_DETACH: unpin SALAD's weights while its modules are still attached. ComfyUI unpins by
-    key path; a patcher of the same model with the same weights (the dense model) restores the
-    stock modules without unpinning, after which the path no longer resolves and ComfyUI's next
-    unpin_all_weights raises."""
+def unpin_branches(model_patcher, *_callback_args) -> None:
+    """ON_LOAD and ON_DETACH (ComfyUI also detaches a patcher it frees): SALAD's weights never
+    stay pinned. ComfyUI pins offloaded weights (lowvram) and unpins them by key path, in a set
+    all patchers of a model share; a patcher with the same weights (the dense model) restores
+    the stock modules without unpinning, after which SALAD's paths no longer resolve and
+    ComfyUI's next unpin_all_weights raises. Unpinned, SALAD's offloaded weights are copied from
+    pageable memory."""
+    import comfy.model_management
+
     for key in [k for k in model_patcher.pinned if ".salad." in k]:
-        model_patcher.unpin_weight(key)
+        weight = _resolve(model_patcher.model, key)
+        if weight is not None:  # else the path no longer resolves: drop the key ComfyUI would raise on
+            comfy.model_management.unpin_memory(weight)
+        model_patcher.pinned.discard(key)
+
+
+def _resolve(module, key: str):
+    for name in key.split("."):
+        module = getattr(module, name, None)
+    return module
 
 
 def _diffusion_model_wrapper(runtime: SaladRuntime, branches: tuple, base_model):

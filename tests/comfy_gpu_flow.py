@@ -80,13 +80,13 @@ def main(flow: str, out: Path) -> None:
         sample(base)
     result = {"salad": sample(salad).contiguous()}
     devices = sorted({str(p.device) for m in salad.object_patches.values() for p in m.salad.parameters()})
-    pinned = sum(".salad." in k for k in salad.pinned)
+    pinned = {"salad_keys_pinned": sum(".salad." in k for k in salad.pinned), "keys_pinned": len(salad.pinned)}
     result["dense"] = sample(dense).contiguous()
     if flow == "lowvram_then_dense":
         comfy.model_management.unload_all_models()  # unpins every pinned weight by its key path
     out.mkdir(parents=True, exist_ok=True)
     save_file(result, str(out / f"{flow}.safetensors"))
-    (out / f"{flow}.json").write_text(json.dumps({"branch_devices": devices, "salad_keys_pinned": pinned}))
+    (out / f"{flow}.json").write_text(json.dumps({"branch_devices": devices, **pinned}))
 
 
 if __name__ == "__main__":

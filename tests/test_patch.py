@@ -128,23 +128,27 @@ def test_salad_over_salad_keeps_one_set_of_wrappers_and_callbacks(base):
     assert len(again.get_callbacks(ext.CallbacksMP.ON_DETACH, "salad")) == 1
 
 
-def test_detach_unpins_salad_weights_only(base, monkeypatch):
-    """A lowvram load pins offloaded weights by key path; SALAD's must be unpinned while its
-    modules are attached, or a dense load of the same model strands keys that no longer resolve."""
+def test_salad_weights_never_stay_pinned(base, monkeypatch):
+    """A lowvram load pins offloaded weights by key path, in a set every patcher of the model
+    shares; SALAD's are unpinned after each load and at detach, while its modules are attached,
+    or a dense load of the same model strands keys that no longer resolve (ComfyUI's next
+    unpin_all_weights raised AttributeError on an H100)."""
     import comfy.model_management
-
-    from salad_core.patch import unpin_branches
+    import comfy.patcher_extension as ext
 
     unpinned = []
     monkeypatch.setattr(comfy.model_management, "unpin_memory", lambda t: unpinned.append(t) or True)
-    patched = apply_salad(base, SaladConfig(block_size=BLOCK))
     salad_key, stock_key = "diffusion_model.blocks.0.self_attn.salad.proj.weight", "diffusion_model.blocks.0.self_attn.q.weight"
+    patched = apply_salad(base, SaladConfig(block_size=BLOCK))
+    proj = patched.object_patches[self_attn_key(0)].salad.proj.weight
     patched.patch_model()
     try:
-        patched.pinned.update({salad_key, stock_key})
-        unpin_branches(patched, False)
-        assert patched.pinned == {stock_key}
-        assert unpinned == [patched.object_patches[self_attn_key(0)].salad.proj.weight]
+        for kind in (ext.CallbacksMP.ON_LOAD, ext.CallbacksMP.ON_DETACH):
+            patched.pinned.update({salad_key, stock_key})
+            for callback in patched.get_callbacks(kind, "salad"):
+                callback(patched, None, None, None, None)
+            assert patched.pinned == {stock_key}, kind
+        assert unpinned == [proj] * 2
     finally:
         patched.pinned.clear()
         patched.unpatch_model()
