@@ -195,9 +195,12 @@ def unpin_branches(model_patcher, *_callback_args) -> None:
     the stock modules without unpinning, after which SALAD's paths no longer resolve and
     ComfyUI's next unpin_all_weights raises. Unpinned, SALAD's offloaded weights are copied from
     pageable memory."""
+    keys = [k for k in model_patcher.pinned if ".salad." in k]
+    if not keys:  # the usual case; no import either (ComfyUI also detaches in __del__, at exit too)
+        return
     import comfy.model_management
 
-    for key in [k for k in model_patcher.pinned if ".salad." in k]:
+    for key in keys:
         weight = _resolve(model_patcher.model, key)
         if weight is not None:  # else the path no longer resolves: drop the key ComfyUI would raise on
             comfy.model_management.unpin_memory(weight)
