@@ -44,11 +44,6 @@ class SaladBranch(nn.Module):
             p.zero_()
         self.scale.fill_(1.0)
 
-    def scale_on(self, device: torch.device) -> torch.Tensor:
-        """s_l as fp32 on ``device``. ComfyUI's loader moves only leaf modules' weights, so after
-        a partial (lowvram) load this parameter is still where the branch was made."""
-        return self.scale.to(device=device, dtype=torch.float32)
-
     def projection_is_zero(self) -> bool:
         return not bool(self.proj.weight.any()) and not bool(self.proj.bias.any())
 
@@ -82,7 +77,7 @@ def salad_attention(
         return out, None
     linear = merge_heads(kernels.linear_attention(q, k, v, eps=eps, backend=backend))  # eq. 3
     gate = branch.gate_value(x)  # Alg. 1, G and its token mean
-    coeff = (linear_scale * gate * branch.scale_on(gate.device)).to(out.dtype)  # lambda * s_l * G
+    coeff = (linear_scale * gate * branch.scale.float()).to(out.dtype)  # lambda * s_l * G
     return out + coeff[:, None, None] * branch.proj(linear.to(out.dtype)), gate  # Alg. 1, O~
 
 
@@ -221,7 +216,7 @@ def salad_attention_fused(
         sparse, _ = kernels.block_sparse_attention(q, k, v, selection, backend=backend)
         return merge_heads(sparse), None
     gate = branch.gate_value(x)
-    coeff = linear_scale * gate * branch.scale_on(gate.device)  # [B] fp32
+    coeff = linear_scale * gate * branch.scale.float()  # [B] fp32
     bias = branch.proj.bias
     out = kernels.salad_attention(
         q, k, v, selection, _plain_weight(branch.proj, q),

@@ -179,7 +179,8 @@ def place_branches(branches, base_model, device: torch.device) -> None:
     fully, ModelPatcher.partially_load returns early, and the branches stay where apply_salad
     made them (on the CPU when the model was offloaded then): move them. In a partial (lowvram)
     load ComfyUI places and casts Proj and the gate itself; the scale (a parameter outside any
-    leaf module, which ComfyUI's loader skips) is moved always, so no call copies it."""
+    leaf module, which ComfyUI's loader skips, and which the layers read in place) is moved
+    always."""
     lowvram = getattr(base_model, "model_lowvram", False)
     for branch in branches:
         if branch.scale.device != device:
