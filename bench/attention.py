@@ -6,7 +6,7 @@
 Per shape, in one run: dense_cudnn; for mode in (topk, stswa) and sparsity in (90, 95):
 flex_<mode>_<s> (FlexAttention, same block mask, mask prebuilt), salad_sparse_<mode>_<s>
 (Triton sparse branch alone; topk includes no selection), salad_full_<mode>_<s> (selection for
-topk — stswa's is static and cached — + gate + the salad::salad_attention op: sparse branch with
+topk — stswa's is static and cached — + gate + kernels.salad_attention: sparse branch with
 the gated Proj bias in its epilogue, linear branch with Proj folded into its state, in row chunks
 multiplied into O in place; for topk, linear_state_pooled makes the state and the selection's
 pooled blocks in one pass, as the pack's hot path does),
@@ -25,7 +25,6 @@ from __future__ import annotations
 import argparse
 import datetime
 import json
-import os
 import statistics
 import sys
 from pathlib import Path

@@ -196,8 +196,23 @@ def linear_state_pooled(
     return _linear_state_pooled_op(q, k, v, int(block_size), backend)
 
 
-@torch.library.custom_op("salad::salad_attention", mutates_args=())
-def _salad_attention_op(
+@torch.library.custom_op("salad::linear_state", mutates_args=())
+def _linear_state_op(k: torch.Tensor, v: torch.Tensor, backend: str) -> tuple[torch.Tensor, torch.Tensor]:
+    impl = implementation("linear_state", backend, k.device)
+    return tuple(t.contiguous() for t in impl(k, v))
+
+
+@_linear_state_op.register_fake
+def _(k, v, backend):
+    b, h, _, d = k.shape
+    return k.new_empty((b, h, d, v.shape[-1]), dtype=torch.float32), k.new_empty((b, h, d), dtype=torch.float32)
+
+
+# salad_attention is two ops, so that under torch.compile k and v (dead once the sparse branch
+# has run) are freed before the linear branch's buffers are made: the op's peak is then q, k, v
+# and the output, not those plus a feature chunk (14B: -0.2 GiB at the step's peak).
+@torch.library.custom_op("salad::salad_sparse", mutates_args=())
+def _salad_sparse_op(
     q: torch.Tensor,
     k: torch.Tensor,
     v: torch.Tensor,
@@ -205,25 +220,37 @@ def _salad_attention_op(
     kv_counts: torch.Tensor,
     token_order: torch.Tensor | None,
     block_size: int,
-    proj_weight: torch.Tensor,
-    proj_bias: torch.Tensor | None,
-    linear_scale: torch.Tensor | None,
+    out_bias: torch.Tensor | None,
     scale: float,
-    eps: float,
     backend: str,
-    state: torch.Tensor | None = None,
-    z: torch.Tensor | None = None,
 ) -> torch.Tensor:
     selection = BlockSelection(kv_indices, kv_counts, block_size, q.shape[2], token_order)
-    impl = implementation("salad_attention", backend, q.device)
-    linear_state = None if state is None else (state, z)
-    return into_layout(impl(q, k, v, selection, proj_weight, proj_bias, linear_scale, scale, eps, linear_state), q)
+    impl = implementation("salad_sparse", backend, q.device)
+    return into_layout(impl(q, k, v, selection, out_bias, scale), q)
 
 
-@_salad_attention_op.register_fake
-def _(q, k, v, kv_indices, kv_counts, token_order, block_size, proj_weight, proj_bias, linear_scale, scale, eps, backend,
-      state=None, z=None):
+@_salad_sparse_op.register_fake
+def _(q, k, v, kv_indices, kv_counts, token_order, block_size, out_bias, scale, backend):
     return out_like(q, v.shape[-1])
+
+
+@torch.library.custom_op("salad::salad_linear_add_", mutates_args=("out",))
+def _salad_linear_add_op(
+    out: torch.Tensor,
+    q: torch.Tensor,
+    state: torch.Tensor,
+    z: torch.Tensor,
+    proj_weight: torch.Tensor,
+    linear_scale: torch.Tensor | None,
+    eps: float,
+    backend: str,
+) -> None:
+    implementation("salad_linear_add", backend, q.device)(out, q, state, z, proj_weight, linear_scale, eps)
+
+
+@_salad_linear_add_op.register_fake
+def _(out, q, state, z, proj_weight, linear_scale, eps, backend):
+    return None
 
 
 def salad_attention(
@@ -246,9 +273,12 @@ def salad_attention(
     proj_weight: [H * Dv, H * Dv] (Proj), proj_bias: optional [H * Dv]. Returns [B, H, N, Dv] in
     q's layout, so for Wan's [B, N, H, D] views ``out.transpose(1, 2).reshape(B, N, C)`` is free.
     ``linear_state``: the linear branch's (S, z) when already made (``linear_state_pooled``);
-    None makes them from k and v. Inference only (no backward). Besides the output, the Triton
-    path holds one chunk of linear-branch features, the Proj folded into the state and the
-    state's per-split partials, no second full-size buffer."""
+    None makes them from k and v. Inference only (no backward).
+
+    Runs as up to three ops: the state (when not given), the sparse branch plus c * b_p, then
+    the linear branch added into that output in place. A compiled graph so frees k and v
+    before the linear branch's buffers exist (Triton: one chunk of features and the Proj folded
+    into the state; no second full-size buffer)."""
     b, h = q.shape[:2]
     c = h * v.shape[-1]
     if proj_weight.shape != (c, c) or (proj_bias is not None and proj_bias.shape != (c,)):
@@ -279,7 +309,15 @@ def salad_attention(
                 f"and z {z.dtype} on {z.device}. Try linear_state_pooled(q, k, v, ...) as it returns them."
             )
     scale = q.shape[-1] ** -0.5 if scale is None else float(scale)
-    return _salad_attention_op(
+    if linear_state is None:
+        state, z = _linear_state_op(k, v, backend)
+    out_bias = None  # c * b_p, added by the sparse kernel's epilogue
+    if proj_bias is not None:
+        coeff = torch.ones(b, device=q.device) if linear_scale is None else linear_scale
+        out_bias = (coeff[:, None] * proj_bias.to(device=q.device, dtype=torch.float32)[None, :]).contiguous()
+    out = _salad_sparse_op(
         q, k, v, selection.kv_indices, selection.kv_counts, selection.token_order,
-        selection.block_size, proj_weight, proj_bias, linear_scale, scale, float(eps), backend, state, z,
+        selection.block_size, out_bias, scale, backend,
     )
+    _salad_linear_add_op(out, q, state, z, proj_weight, linear_scale, float(eps), backend)  # out += c * O_l W_p^T
+    return out

@@ -47,11 +47,20 @@ IMPLEMENTATIONS: dict[str, dict[str, str]] = {
         "triton": "linear_attn.triton:linear_attention_triton",
         "torch": "linear_attn.naive:linear_attention_torch",
     },
-    # Sparse + linear branch + Proj (Alg. 1's combine) for inference.
-    "salad_attention": {
-        "triton": "block_sparse_attn.triton:salad_attention_triton",
-        "flex": "block_sparse_attn.fused:salad_attention_flex",
-        "torch": "block_sparse_attn.fused:salad_attention_torch",
+    "linear_state": {
+        "triton": "linear_attn.triton:linear_state_triton",
+        "torch": "linear_attn.naive:linear_attention_state",
+    },
+    # Alg. 1's combine for inference (kernels.salad_attention): the sparse branch plus c * b_p,
+    # then the linear branch through Proj added in place.
+    "salad_sparse": {
+        "triton": "block_sparse_attn.fused:salad_sparse_triton",
+        "flex": "block_sparse_attn.fused:salad_sparse_flex",
+        "torch": "block_sparse_attn.fused:salad_sparse_torch",
+    },
+    "salad_linear_add": {
+        "triton": "block_sparse_attn.triton:salad_linear_add_triton",
+        "torch": "block_sparse_attn.fused:salad_linear_add_torch",
     },
     # Wan's q/k RMSNorm + RoPE in one pass (SaladSelfAttention.qkv on CUDA).
     "qk_norm_rope": {

@@ -142,7 +142,7 @@ class SaladSelfAttention(nn.Module):
         if call.dense:
             return self._stock_forward(x, freqs, transformer_options=transformer_options)
         q, k, v = self.qkv(x, freqs, call.fused)
-        fused = call.fused and not torch.is_grad_enabled()  # salad::salad_attention has no backward
+        fused = call.fused and not torch.is_grad_enabled()  # kernels.salad_attention has no backward
         cfg = self.runtime.config
         with self.runtime.timed():
             branch = self.salad if self.runtime.linear_active(self.layer) else None
@@ -207,8 +207,8 @@ def salad_attention_fused(
     eps: float = 1e-6,
     linear_state: tuple[torch.Tensor, torch.Tensor] | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """Same result as ``salad_attention`` with fewer passes (the GPU hot path): the
-    ``salad::salad_attention`` op does the sparse branch (with Proj's bias, scaled by
+    """Same result as ``salad_attention`` with fewer passes (the GPU hot path):
+    ``kernels.salad_attention`` does the sparse branch (with Proj's bias, scaled by
     lambda * s_l * g, in its epilogue), then the linear branch (Proj folded into its state) in
     row chunks, each multiplied straight into the sparse output. ``linear_state``: (S, z) from
     ``kernels.linear_state_pooled`` when the caller made them with the Top-K pooling."""

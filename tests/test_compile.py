@@ -43,3 +43,41 @@ def test_compiled_salad_sampling_compiles_once(tiny_wan_path, load_wan, mode):
     assert graphs_after[-1] == graphs_after[0], f"recompiled after step 0: graphs per step {graphs_after}"
     summary = salad_runtime(model).stats.summary()
     assert list(summary.steps) == [0, 1, 2, 3]  # the wrapper's bookkeeping still ran eagerly
+
+
+def test_compiled_salad_attention_frees_k_v_before_the_linear_half():
+    """kernels.salad_attention under Inductor: the same result as eager, the linear half adds
+    into the sparse half's output in place (no copy), and k and v are freed between the two
+    halves, so the linear branch's buffers never coexist with them (the step's memory peak)."""
+    import re
+
+    from torch._inductor.utils import run_and_get_code
+
+    import kernels
+
+    b, n, h, d = 1, 96, 2, 32
+    c = h * d
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(b, n, c, generator=g)
+    wq, wk, wv, wo = (torch.randn(c, c, generator=g) * c**-0.5 for _ in range(4))
+    w_proj, b_proj = torch.randn(c, c, generator=g) * 0.1, torch.randn(c, generator=g)
+
+    def layer(x):
+        q, k, v = ((x @ w).view(b, n, h, d).transpose(1, 2) for w in (wq, wk, wv))
+        sel = kernels.select_topk_blocks(q, k, 16, 2, backend="torch")
+        out = kernels.salad_attention(q, k, v, sel, w_proj, b_proj, linear_scale=torch.full((b,), 0.5), backend="torch")
+        return out.transpose(1, 2).reshape(b, n, c) @ wo
+
+    torch._dynamo.reset()
+    try:
+        got, (code, *_) = run_and_get_code(torch.compile(layer, fullgraph=True), x)
+    finally:
+        torch._dynamo.reset()
+    torch.testing.assert_close(got, layer(x), rtol=1e-5, atol=1e-5)
+    lines = code.splitlines()
+    sparse = next(i for i, s in enumerate(lines) if "torch.ops.salad.salad_sparse.default(" in s)
+    out, _q, k, v = re.findall(r"\b(buf\d+|arg\d+_\d+)\b", lines[sparse])[:4]  # out = op(q, k, v, ...)
+    linear = next(i for i, s in enumerate(lines) if "torch.ops.salad.salad_linear_add_.default(" in s)
+    assert re.search(rf"salad_linear_add_\.default\({out}\b", lines[linear]), lines[linear]
+    freed = {s.strip()[4:] for s in lines[sparse:linear] if s.strip().startswith("del ")}
+    assert {k, v} <= freed, f"k ({k}) and v ({v}) still allocated when the linear half runs: {lines[sparse:linear]}"

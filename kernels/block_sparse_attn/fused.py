@@ -1,61 +1,55 @@
-"""The whole SALAD combine (the ``salad::salad_attention`` op) for backends with no fused
-path: the sparse op, the linear op and Proj one after another, in fp32. The Triton version
-lives in triton.py."""
+"""The two halves of SALAD's combine (``kernels.salad_attention``): the sparse branch plus the
+gated Proj bias (``salad::salad_sparse``), then the linear branch through Proj added in place
+(``salad::salad_linear_add_``). Triton's sparse half is its kernel with the bias in the
+epilogue; its linear half lives in triton.py. The torch and flex versions here run the parts
+one after another, the linear half in fp32."""
 
 from __future__ import annotations
 
 import torch
 
-from ..linear_attn.naive import DEFAULT_EPS, linear_apply_torch, linear_attention_state
+from ..linear_attn.naive import DEFAULT_EPS, linear_apply_torch
 from ..selection import BlockSelection
 from .naive import block_sparse_attention_torch
 
 
-def salad_attention_torch(
-    q: torch.Tensor,
-    k: torch.Tensor,
-    v: torch.Tensor,
-    selection: BlockSelection,
-    proj_weight: torch.Tensor,
-    proj_bias: torch.Tensor | None = None,
-    linear_scale: torch.Tensor | None = None,
-    scale: float | None = None,
-    eps: float = DEFAULT_EPS,
-    linear_state: tuple[torch.Tensor, torch.Tensor] | None = None,
-) -> torch.Tensor:
-    out, _ = block_sparse_attention_torch(q, k, v, selection, scale)
-    return _combine(out, q, k, v, eps, proj_weight, proj_bias, linear_scale, linear_state)
+def salad_sparse_triton(q, k, v, selection: BlockSelection, out_bias=None, scale=None) -> torch.Tensor:
+    from .triton import block_sparse_attention_triton
+
+    return block_sparse_attention_triton(q, k, v, selection, scale, out_bias)[0]
 
 
-def salad_attention_flex(
-    q: torch.Tensor,
-    k: torch.Tensor,
-    v: torch.Tensor,
-    selection: BlockSelection,
-    proj_weight: torch.Tensor,
-    proj_bias: torch.Tensor | None = None,
-    linear_scale: torch.Tensor | None = None,
-    scale: float | None = None,
-    eps: float = DEFAULT_EPS,
-    linear_state: tuple[torch.Tensor, torch.Tensor] | None = None,
-) -> torch.Tensor:
+def salad_sparse_flex(q, k, v, selection: BlockSelection, out_bias=None, scale=None) -> torch.Tensor:
     from .flex import block_sparse_attention_flex
 
-    out, _ = block_sparse_attention_flex(q, k, v, selection, scale)
-    return _combine(out, q, k, v, eps, proj_weight, proj_bias, linear_scale, linear_state)
+    return _add_bias(block_sparse_attention_flex(q, k, v, selection, scale)[0], out_bias)
 
 
-def _combine(out, q, k, v, eps, proj_weight, proj_bias, linear_scale, linear_state) -> torch.Tensor:
-    """O_s + c * (O_l W^T + b) over head-merged rows (Alg. 1), fp32, in out's dtype and layout.
-    linear_state: (S, z) already made, or None to make them from k and v."""
+def salad_sparse_torch(q, k, v, selection: BlockSelection, out_bias=None, scale=None) -> torch.Tensor:
+    return _add_bias(block_sparse_attention_torch(q, k, v, selection, scale)[0], out_bias)
+
+
+def _add_bias(out: torch.Tensor, out_bias: torch.Tensor | None) -> torch.Tensor:
+    """O_s + c * b_p: out_bias fp32 [B, H * Dv] per head-merged row."""
+    if out_bias is None:
+        return out
+    b, h, _, dv = out.shape
+    return (out.float() + out_bias.view(b, h, 1, dv)).to(out.dtype)
+
+
+def salad_linear_add_torch(
+    out: torch.Tensor,
+    q: torch.Tensor,
+    state: torch.Tensor,
+    z: torch.Tensor,
+    proj_weight: torch.Tensor,
+    linear_scale: torch.Tensor | None = None,
+    eps: float = DEFAULT_EPS,
+) -> None:
+    """out += c * O_l W_p^T over head-merged rows (Alg. 1), in fp32, rounded once into out."""
     b, h, n, dv = out.shape
-    state, z = linear_attention_state(k, v) if linear_state is None else linear_state
     lin = linear_apply_torch(q, state, z, eps)  # rounded to q's dtype, as the unfused path feeds Proj
     proj = lin.float().transpose(1, 2).reshape(b, n, h * dv) @ proj_weight.float().t()
-    if proj_bias is not None:
-        proj = proj + proj_bias.float()
     if linear_scale is not None:
         proj = proj * linear_scale.float().view(b, 1, 1)
-    result = torch.empty_like(out)
-    result.copy_(out.float() + proj.view(b, n, h, dv).transpose(1, 2))
-    return result
+    out.copy_(out.float() + proj.view(b, n, h, dv).transpose(1, 2))

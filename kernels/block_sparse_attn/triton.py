@@ -11,9 +11,9 @@ tensors is made (``ORDER_MODE = "permute"`` makes explicit copies instead; bench
 On Hopper, rows that need no gather go to the Gluon kernel in ``gluon.py`` (same contract,
 wgmma/TMA with FA3-order overlap); ``sparse_forward_kernel`` says which kernel a call runs.
 
-``salad_attention_triton`` is the whole SALAD combine for inference: this kernel (with the gated
-Proj bias in its epilogue), then the linear branch's features in row chunks, each multiplied by
-the Proj-folded state straight into the output.
+SALAD's combine for inference (``kernels.salad_attention``) is this kernel with the gated Proj
+bias in its epilogue, then ``salad_linear_add_triton``: the linear branch's features in row
+chunks, each multiplied by the Proj-folded state straight into the output.
 """
 
 from __future__ import annotations
@@ -43,7 +43,7 @@ def interpreting() -> bool:
 NUM_WARPS = {16: 4, 32: 4, 64: 4, 128: 8}
 NUM_STAGES = 3
 
-# Rows of linear-branch features made (and multiplied into O) at a time in salad_attention_triton:
+# Rows of linear-branch features made (and multiplied into O) at a time in salad_linear_add_triton:
 # its buffer is this many rows instead of a second full-size output (1.3B: 2 chunks, 14B: 5).
 PROJ_CHUNK_ROWS = 16384
 
@@ -328,37 +328,23 @@ def block_sparse_attention_triton(
     return out, lse
 
 
-def salad_attention_triton(
+def salad_linear_add_triton(
+    out: torch.Tensor,
     q: torch.Tensor,
-    k: torch.Tensor,
-    v: torch.Tensor,
-    selection: BlockSelection,
+    state: torch.Tensor,
+    z: torch.Tensor,
     proj_weight: torch.Tensor,
-    proj_bias: torch.Tensor | None = None,
     linear_scale: torch.Tensor | None = None,
-    scale: float | None = None,
     eps: float = 1e-6,
-    linear_state: tuple[torch.Tensor, torch.Tensor] | None = None,
-) -> torch.Tensor:
-    """Same contract as fused.salad_attention_torch: O_s + c * (O_l W^T + b) per head-merged
-    row (Alg. 1), in q's layout. The sparse kernel adds c * b in its epilogue; Proj is folded
-    into the linear state (``linear_fold_projection``: B x C x C), and the features (times c)
-    are made PROJ_CHUNK_ROWS rows at a time and multiplied straight into the sparse output
-    (cuBLAS beta = 1): besides the output, the buffers are one feature chunk, the folded Proj
-    and the state's per-split partials."""
-    from ..linear_attn.triton import linear_features_triton, linear_fold_projection, linear_state_triton
+) -> None:
+    """out += c * O_l W^T per head-merged row (Alg. 1), in place: Proj is folded into the linear
+    state (``linear_fold_projection``: B x C x C), and the features (times c) are made
+    PROJ_CHUNK_ROWS rows at a time and multiplied straight into out (cuBLAS beta = 1). The
+    buffers are one feature chunk and the folded Proj."""
+    from ..linear_attn.triton import linear_features_triton, linear_fold_projection
 
-    _check(q, k, v, selection)
-    scale = q.shape[-1] ** -0.5 if scale is None else scale
-    b, h, n, _ = q.shape
-    dv = v.shape[-1]
-    out_bias = None
-    if proj_bias is not None:
-        coeff = torch.ones(b, device=q.device) if linear_scale is None else linear_scale
-        out_bias = (coeff.float()[:, None] * proj_bias.float()[None, :]).contiguous()
-    state, z = linear_state_triton(k, v) if linear_state is None else linear_state
+    b, h, n, dv = out.shape
     folded = linear_fold_projection(state, z, proj_weight, q.dtype)
-    out, _ = block_sparse_attention_triton(q, k, v, selection, scale, out_bias)
     rows_view = out.transpose(1, 2)  # [B, N, H, DV]
     merged = rows_view.view(b, n, h * dv) if rows_view.is_contiguous() else None
     for r0 in range(0, n, PROJ_CHUNK_ROWS):
@@ -370,7 +356,6 @@ def salad_attention_triton(
             else:
                 rows_view[i, r0:r1] += (feats[i] @ folded[i]).view(r1 - r0, h, dv)
         del feats  # before the next chunk's buffer, so only one is ever alive
-    return out
 
 
-__all__ = ["block_sparse_attention_triton", "salad_attention_triton", "sparse_forward_kernel"]
+__all__ = ["block_sparse_attention_triton", "salad_linear_add_triton", "sparse_forward_kernel"]
