@@ -216,7 +216,7 @@ def test_cuda_backward_wan_shape_matches_fp64_reference():
 
 @pytest.mark.parametrize("live", [True, False])
 def test_fused_hot_path_equals_reference_salad_attention(live):
-    """salad_attention_fused (one salad::salad_attention op, Proj folded into the linear state) ==
+    """salad_attention_fused (kernels.salad_attention, Proj folded into the linear state) ==
     salad_attention (the readable reference) for a live branch and for a dropped one."""
     import kernels
     from salad_core.attention import SaladBranch, salad_attention, salad_attention_fused
@@ -233,7 +233,8 @@ def test_fused_hot_path_equals_reference_salad_attention(live):
     sel = kernels.select_topk_blocks(q, k, 16, 2, backend="torch")
     with torch.no_grad():
         want, gate_want = salad_attention(q, k, v, x, sel, branch, linear_scale=0.7, backend="torch")
-        got, gate = salad_attention_fused(q, k, v, x, sel, branch, linear_scale=0.7, backend="triton")
+        gate = None if branch is None else branch.gate_value(x)
+        got = salad_attention_fused(q, k, v, gate, sel, branch, linear_scale=0.7, backend="triton")
     assert rel(got, want) < 1e-5, rel(got, want)
     if live:
         assert torch.allclose(gate, gate_want)
