@@ -267,16 +267,20 @@ def test_salad_attention_fp16_stays_finite_when_a_key_channel_is_never_positive(
 @cpu_only
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=["bf16", "fp16"])
 @pytest.mark.parametrize("n,bs", [(150, 16), (200, 32), (131, 64)], ids=["N150bs16", "N200bs32", "N131bs64"])
-def test_linear_state_pooled_cpu(n, bs, dtype, monkeypatch):
+@pytest.mark.parametrize("capped", [False, True], ids=["splits", "capped_splits"])
+def test_linear_state_pooled_cpu(n, bs, dtype, capped, monkeypatch):
     """One pass for the linear state and the Top-K pooling (N not a multiple of the block, more
-    than one row split): S, z vs fp64 within 2x the torch backend's error; pooled blocks equal
-    the pooling kernel's; the selection made from them equals select_topk_blocks'."""
+    than one row split; capped: fewer splits of more rows, as at 14B's 40 heads): S, z vs fp64
+    within 2x the torch backend's error; pooled blocks equal the pooling kernel's; the selection
+    made from them equals select_topk_blocks'."""
     from kernels.block_select.naive import mean_pool_blocks
     from kernels.linear_attn import triton as lin_t
     from kernels.linear_attn.naive import linear_attention_state
 
-    monkeypatch.setattr(lin_t, "STATE_ROWS", 2 * bs)  # several splits even at these N
     b, h, d = 2, 3, 64
+    monkeypatch.setattr(lin_t, "STATE_ROWS", bs)  # several splits even at these N
+    if capped:  # 2 splits (from 3 to 10): each of several blocks, the last one partial
+        monkeypatch.setattr(lin_t, "STATE_PROGRAMS", 2 * b * h)
     q, k, v = wan_qkv(b, h, n, d, dtype, "cpu", seed=n + bs)
     state, z, qp, kpt = kernels.linear_state_pooled(q, k, v, bs, backend="triton")
     want_s, want_z = (t.double() for t in linear_attention_state(k.double(), v.double()))

@@ -31,6 +31,10 @@ from .naive import DEFAULT_EPS
 # 1024 rows + fp32 atomics (session 4) 0.19 / 0.98 ms; 2048 rows, 4 warps, partials 0.13 / 0.70;
 # + z as a ones product 0.10 / 0.64; + q and k pooling 0.14 / 0.93 (pooling alone: 0.12 / 0.68).
 STATE_ROWS = 2048
+# At most this many state programs (splits x B x H): when B x H is large (14B: 40 heads), splits
+# get more rows instead, so the fp32 partials, the pass's only workspace, stay small (14B: 37
+# splits, 97 MiB -> 13, 34 MiB). The pass peaks with q, k, v and the block's input alive.
+STATE_PROGRAMS = 512
 
 
 # Tests set this: outputs start as NaN so an unwritten element can't pass.
@@ -185,11 +189,15 @@ def _launch_state(q, k, v, block_size):
     b, h, n, d = k.shape
     dv = v.shape[-1]
     k, v = rowmajor(k), rowmajor(v)
-    splits = triton.cdiv(n, STATE_ROWS)
+    pool = block_size is not None
+    bn = block_size if pool else (64 if n >= 64 else 16)
+    # Each split holds whole row tiles (and whole blocks when pooling).
+    splits = max(1, min(triton.cdiv(n, STATE_ROWS), triton.cdiv(STATE_PROGRAMS, b * h)))
+    rows = triton.cdiv(triton.cdiv(n, splits), bn) * bn
+    splits = triton.cdiv(n, rows)
     # Every program writes its whole partial, so no poisoning is needed to catch gaps.
     parts = torch.empty(splits, b, h, d, dv, device=k.device, dtype=torch.float32)
     z_parts = torch.empty(splits, b, h, d, device=k.device, dtype=torch.float32)
-    pool = block_size is not None
     if pool:
         q = rowmajor(q)
         nb = triton.cdiv(n, block_size)
@@ -198,17 +206,13 @@ def _launch_state(q, k, v, block_size):
         if POISON_OUTPUTS:
             qp.fill_(float("nan"))
             kpt.fill_(float("nan"))
-        bn = block_size
     else:
         q, qp, kpt, nb = k, parts, parts, 1  # unused by the POOL=False kernel
-        bn = 64 if n >= 64 else 16
-    if STATE_ROWS % bn:  # a split must hold whole row tiles (and whole blocks when pooling)
-        raise ValueError(f"Expected STATE_ROWS a multiple of {bn}, got {STATE_ROWS}. Try a power of two >= 128.")
     _state_kernel[(splits, b * h)](
         q, k, v, parts, z_parts, qp, kpt,
         q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), k.stride(2),
         v.stride(0), v.stride(1), v.stride(2),
-        h, n, nb, STATE_ROWS, BN=bn, D=d, DV=dv, POOL=pool, DOT_F32=interpreting(),
+        h, n, nb, rows, BN=bn, D=d, DV=dv, POOL=pool, DOT_F32=interpreting(),
         IEEE=v.dtype == torch.float32, num_warps=4, num_stages=2 if pool else 3,
     )
     return parts.sum(0), z_parts.sum(0), (qp if pool else None), (kpt if pool else None)
