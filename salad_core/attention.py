@@ -5,6 +5,7 @@ from __future__ import annotations
 from typing import Callable
 
 import torch
+from einops import rearrange
 from torch import nn
 
 import kernels
@@ -49,9 +50,8 @@ class SaladBranch(nn.Module):
 
 
 def merge_heads(x: torch.Tensor) -> torch.Tensor:
-    """[B, H, N, D] -> [B, N, H * D]."""
-    b, h, n, d = x.shape
-    return x.transpose(1, 2).reshape(b, n, h * d)
+    """[B, H, N, D] -> [B, N, H * D]: a view when x is one of a [B, N, H, D] tensor (Wan's layout)."""
+    return rearrange(x, "b h n d -> b n (h d)")
 
 
 def salad_attention(

@@ -7,6 +7,7 @@ one after another, the linear half in fp32."""
 from __future__ import annotations
 
 import torch
+from einops import rearrange
 
 from ..linear_attn.naive import DEFAULT_EPS, linear_apply_torch
 from ..selection import BlockSelection
@@ -47,9 +48,9 @@ def salad_linear_add_torch(
     eps: float = DEFAULT_EPS,
 ) -> None:
     """out += c * O_l W_p^T over head-merged rows (Alg. 1), in fp32, rounded once into out."""
-    b, h, n, dv = out.shape
+    b, h = out.shape[:2]
     lin = linear_apply_torch(q, state, z, eps)  # rounded to q's dtype, as the unfused path feeds Proj
-    proj = lin.float().transpose(1, 2).reshape(b, n, h * dv) @ proj_weight.float().t()
+    proj = rearrange(lin.float(), "b h n d -> b n (h d)") @ proj_weight.float().t()
     if linear_scale is not None:
         proj = proj * linear_scale.float().view(b, 1, 1)
-    out.copy_(out.float() + proj.view(b, n, h, dv).transpose(1, 2))
+    out.copy_(out.float() + rearrange(proj, "b n (h d) -> b h n d", h=h))
