@@ -54,7 +54,7 @@ IMPLEMENTATIONS: dict[str, dict[str, str]] = {
     # Alg. 1's combine for inference (kernels.salad_attention): the sparse branch plus c * b_p,
     # then the linear branch through Proj added in place.
     "salad_sparse": {
-        "triton": "block_sparse_attn.fused:salad_sparse_triton",
+        "triton": "block_sparse_attn.triton:salad_sparse_triton",
         "flex": "block_sparse_attn.fused:salad_sparse_flex",
         "torch": "block_sparse_attn.fused:salad_sparse_torch",
     },

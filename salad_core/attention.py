@@ -148,8 +148,8 @@ class SaladSelfAttention(nn.Module):
             branch = self.salad if self.runtime.linear_active(self.layer) else None
             fused = fused and (branch is None or _plain_weight(branch.proj, x) is not None)
             if fused:
-                # The gate first: x's last use, so a compiled graph frees it before the
-                # attention's buffers are made.
+                # The gate first, x's last use here. (Inductor may still move the gate GEMV
+                # down to its consumer; see e2e-NOTES session 8.)
                 gate = None if branch is None else branch.gate_value(x)
                 linear_state = None
                 if branch is not None and cfg.sparse_mode == "topk":

@@ -139,7 +139,7 @@ def salad_reference(q, k, v, sel, w, bias, coeff):
 
 
 def check_salad(q, k, v, sel, seed, with_bias=True, with_scale=True):
-    """salad::salad_attention (Triton) vs the fp64 reference, within 2x the torch backend's error."""
+    """kernels.salad_attention (Triton) vs the fp64 reference, within 2x the torch backend's error."""
     b, h, _, dv = v.shape
     g = torch.Generator().manual_seed(seed)
     c = h * dv
@@ -374,6 +374,32 @@ def test_registry_fallbacks(monkeypatch, caplog):
     monkeypatch.setattr(registry, "resolve_backend", lambda op, req, dev: "triton")
     assert registry.implementation("linear_attention", "auto", cuda) == "torch-impl"
     registry._warn_once.cache_clear()
+
+
+def test_broken_triton_install_falls_back_for_every_op(monkeypatch):
+    """Triton found but failing to import: every op with a Triton entry loads its torch
+    implementation instead (each Triton entry lives in a module that imports Triton, so the
+    failure shows at load time, where the registry catches it, not at the first call)."""
+    import sys
+
+    from kernels import registry
+
+    triton_modules = {f"kernels.{entry['triton'].split(':')[0]}" for entry in registry.IMPLEMENTATIONS.values() if "triton" in entry}
+    monkeypatch.setitem(sys.modules, "triton", None)
+    for name in triton_modules:
+        monkeypatch.setitem(sys.modules, name, None)
+    monkeypatch.setattr(registry, "resolve_backend", lambda op, req, dev: "triton")
+    registry.load_implementation.cache_clear()
+    registry._warn_once.cache_clear()
+    try:
+        for op, entry in registry.IMPLEMENTATIONS.items():
+            if "triton" in entry:
+                impl = registry.implementation(op, "triton", torch.device("cuda"))
+                want = entry["torch"].split(":")[1]
+                assert impl.__name__ == want, f"{op}: got {impl.__module__}.{impl.__name__}, expected the torch {want}"
+    finally:
+        registry.load_implementation.cache_clear()
+        registry._warn_once.cache_clear()
 
 
 def test_fake_impls_match_layout():

@@ -1,8 +1,8 @@
 """The two halves of SALAD's combine (``kernels.salad_attention``): the sparse branch plus the
 gated Proj bias (``salad::salad_sparse``), then the linear branch through Proj added in place
-(``salad::salad_linear_add_``). Triton's sparse half is its kernel with the bias in the
-epilogue; its linear half lives in triton.py. The torch and flex versions here run the parts
-one after another, the linear half in fp32."""
+(``salad::salad_linear_add_``), for the flex and torch backends: the parts one after another,
+the linear half in fp32. Triton's halves live in triton.py (the sparse kernel with the bias in
+its epilogue, then the chunked linear half)."""
 
 from __future__ import annotations
 
@@ -12,12 +12,6 @@ from einops import rearrange
 from ..linear_attn.naive import DEFAULT_EPS, linear_apply_torch
 from ..selection import BlockSelection
 from .naive import block_sparse_attention_torch
-
-
-def salad_sparse_triton(q, k, v, selection: BlockSelection, out_bias=None, scale=None) -> torch.Tensor:
-    from .triton import block_sparse_attention_triton
-
-    return block_sparse_attention_triton(q, k, v, selection, scale, out_bias)[0]
 
 
 def salad_sparse_flex(q, k, v, selection: BlockSelection, out_bias=None, scale=None) -> torch.Tensor:
@@ -47,7 +41,8 @@ def salad_linear_add_torch(
     linear_scale: torch.Tensor | None = None,
     eps: float = DEFAULT_EPS,
 ) -> None:
-    """out += c * O_l W_p^T over head-merged rows (Alg. 1), in fp32, rounded once into out."""
+    """out += c * O_l W_p^T over head-merged rows (Alg. 1): the linear half in fp32, its sum with
+    out (the sparse half, already rounded) rounded once into out."""
     b, h = out.shape[:2]
     lin = linear_apply_torch(q, state, z, eps)  # rounded to q's dtype, as the unfused path feeds Proj
     proj = rearrange(lin.float(), "b h n d -> b n (h d)") @ proj_weight.float().t()

@@ -328,6 +328,18 @@ def block_sparse_attention_triton(
     return out, lse
 
 
+def salad_sparse_triton(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    selection: BlockSelection,
+    out_bias: torch.Tensor | None = None,
+    scale: float | None = None,
+) -> torch.Tensor:
+    """SALAD's sparse half: O_s + c * b_p, the bias (fp32 [B, H * DV]) added in the epilogue."""
+    return block_sparse_attention_triton(q, k, v, selection, scale, out_bias)[0]
+
+
 def salad_linear_add_triton(
     out: torch.Tensor,
     q: torch.Tensor,
@@ -358,4 +370,4 @@ def salad_linear_add_triton(
         del feats  # before the next chunk's buffer, so only one is ever alive
 
 
-__all__ = ["block_sparse_attention_triton", "salad_linear_add_triton", "sparse_forward_kernel"]
+__all__ = ["block_sparse_attention_triton", "salad_linear_add_triton", "salad_sparse_triton", "sparse_forward_kernel"]

@@ -9,7 +9,7 @@
    into hi + lo 16-bit halves (``linear_prepare``), so two tensor-core products keep ~16
    mantissa bits (the standalone linear op, ``salad::linear_attention``).
    (v1 used a 3xTF32 fp32 product: 0.82 ms at the 1.3B shape, register-bound.)
-3. ``_features_kernel`` + ``linear_fold_projection`` (the fused SALAD op): Alg. 1 projects the
+3. ``_features_kernel`` + ``linear_fold_projection`` (SALAD's combine, ``kernels.salad_attention``): Alg. 1 projects the
    head-merged linear output, O_l W^T = sum_h relu(q_h) (S_h W_h^T) / den_h, so the projection
    is folded into the state ((S_hd / z_hd) W_h^T per head row d) and each row only needs its
    features relu(q_hd) z_hd / den_h in [0, 1]: one bandwidth pass over q and one GEMM, no apply
@@ -33,7 +33,7 @@ from .naive import DEFAULT_EPS
 STATE_ROWS = 2048
 # At most this many state programs (splits x B x H): when B x H is large (14B: 40 heads), splits
 # get more rows instead, so the fp32 partials, the pass's only workspace, stay small (14B: 37
-# splits, 97 MiB -> 13, 34 MiB). The pass peaks with q, k, v and the block's input alive.
+# splits, 97 MB -> 13, 34 MB). The pass peaks with q, k, v and the block's input alive.
 STATE_PROGRAMS = 512
 
 
@@ -193,7 +193,7 @@ def _launch_state(q, k, v, block_size):
     bn = block_size if pool else (64 if n >= 64 else 16)
     # Each split holds whole row tiles (and whole blocks when pooling).
     splits = max(1, min(triton.cdiv(n, STATE_ROWS), triton.cdiv(STATE_PROGRAMS, b * h)))
-    rows = triton.cdiv(triton.cdiv(n, splits), bn) * bn
+    rows = max(bn, triton.cdiv(triton.cdiv(n, splits), bn) * bn)
     splits = triton.cdiv(n, rows)
     # Every program writes its whole partial, so no poisoning is needed to catch gaps.
     parts = torch.empty(splits, b, h, d, dv, device=k.device, dtype=torch.float32)
