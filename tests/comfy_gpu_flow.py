@@ -79,7 +79,8 @@ def main(flow: str, out: Path) -> None:
     if flow == "dense_then_salad":
         sample(base)
     result = {"salad": sample(salad).contiguous()}
-    devices = sorted({str(p.device) for m in salad.object_patches.values() for p in m.salad.parameters()})
+    layers = [m for k, m in salad.object_patches.items() if k.endswith(".self_attn")]
+    devices = sorted({str(p.device) for m in layers for p in m.salad.parameters()})
     pinned = {"salad_keys_pinned": sum(".salad." in k for k in salad.pinned), "keys_pinned": len(salad.pinned)}
     result["dense"] = sample(dense).contiguous()
     if flow == "lowvram_then_dense":

@@ -8,7 +8,7 @@ from safetensors.torch import load_file, save_file
 
 from salad_core import SaladConfig, fresh_salad_weights, load_salad_weights, save_salad_weights, wan_info
 from salad_core.attention import SaladSelfAttention
-from salad_core.patch import apply_salad, salad_runtime, self_attn_key
+from salad_core.patch import ROPE_KEY, apply_salad, salad_runtime, self_attn_key
 from salad_core.wan import WanModelInfo
 from salad_core.weights import SaladWeightsError, branch_key, lora_key
 
@@ -66,8 +66,8 @@ def test_patch_replaces_every_block_and_never_mutates_the_input(base, inputs, ru
     patched = apply_salad(base, SaladConfig(block_size=BLOCK))
     assert base.object_patches == {} and base.patches == {}
     keys = {self_attn_key(i) for i in range(len(base.model.diffusion_model.blocks))}
-    assert set(patched.object_patches) == keys
-    assert all(isinstance(m, SaladSelfAttention) for m in patched.object_patches.values())
+    assert set(patched.object_patches) == keys | {ROPE_KEY}
+    assert all(isinstance(patched.object_patches[k], SaladSelfAttention) for k in keys)
     module = patched.object_patches[self_attn_key(0)]
     stock_attn = base.model.diffusion_model.blocks[0].self_attn
     assert module.q is stock_attn.q and module.norm_k is stock_attn.norm_k  # reused, not copied
