@@ -12,7 +12,7 @@ import torch
 from .attention import SaladBranch, SaladSelfAttention
 from .config import SaladConfig
 from .dropping import dropped_layers
-from .rope_table import cached_rope_encode, model_rope_args, rope_key
+from .eager_rope import EagerRopeEmbedder
 from .runtime import CALL_KEY, SaladRuntime
 from .weights import SaladWeights, fresh_salad_weights
 from .wan import wan_info
@@ -20,7 +20,7 @@ from .wan import wan_info
 log = logging.getLogger("salad")
 
 WRAPPER_KEY = "salad"
-ROPE_KEY = "diffusion_model.rope_encode"
+ROPE_KEY = "diffusion_model.rope_embedder"
 ATTACHMENT_KEY = "salad_runtime"
 
 
@@ -88,8 +88,8 @@ def apply_salad(model_patcher, config: SaladConfig, weights: SaladWeights | None
             stock_self_attention(model_patcher, layer), layer, branch, runtime, comfy.ldm.flux.math.apply_rope1
         )
         clone.add_object_patch(self_attn_key(layer), module)
-    # The RoPE table from the run's copy (made by the model wrapper) instead of at every call.
-    clone.add_object_patch(ROPE_KEY, cached_rope_encode(model_patcher.get_model_object(ROPE_KEY)))
+    # The RoPE table eagerly, also under torch.compile (salad_core.eager_rope).
+    clone.add_object_patch(ROPE_KEY, EagerRopeEmbedder(model_patcher.get_model_object(ROPE_KEY)))
 
     ext = comfy.patcher_extension
     # Applied over an earlier SALAD patch: its wrappers and callback go (add_* appends).
@@ -161,19 +161,16 @@ def latent_grid(x: torch.Tensor, patch_size, time_dim_concat: torch.Tensor | Non
     return tuple(math.ceil(s / p) for s, p in zip(sizes, patch_size))
 
 
-def _begin_call(runtime: SaladRuntime, x: torch.Tensor, model, time_dim_concat, transformer_options: dict, kwargs: dict):
+def _begin_call(runtime: SaladRuntime, x: torch.Tensor, patch_size, time_dim_concat, transformer_options: dict):
     """Host-side set-up of one diffusion-model call, kept out of torch.compile (ComfyUI's compile
     node compiles the whole diffusion model, this wrapper included): the step index is a host
     sync, and the stats lists change every step, so Dynamo would guard on them and recompile the
-    model at every step. The layers only read the returned CallInfo's per-run constants, and
-    the model's rope_encode the run's RoPE table (salad_core.rope_table)."""
-    grid = latent_grid(x, model.patch_size, time_dim_concat)
+    model at every step. The layers only read the returned CallInfo's per-run constants."""
+    grid = latent_grid(x, patch_size, time_dim_concat)
     runtime.check_grid(grid)
     call = runtime.make_call_info(grid, transformer_options, x.device)
     if not call.dense:
         runtime.prepare_selections(grid, x.shape[0], x.device)
-    args, kw = model_rope_args(model, x, time_dim_concat, transformer_options, kwargs)
-    call = replace(call, rope=runtime.rope_table(rope_key(args, kw), lambda: model.rope_encode(*args, **kw)))
     runtime.stats.begin_call(call.step, call.dense)
     return call
 
@@ -229,7 +226,7 @@ def _diffusion_model_wrapper(runtime: SaladRuntime, branches: tuple, base_model)
 
     def wrapper(executor, x, timestep, context, clip_fea=None, time_dim_concat=None, transformer_options={}, **kwargs):
         place(branches, base_model, x.device)
-        call = begin_call(runtime, x, executor.class_obj, time_dim_concat, transformer_options, kwargs)
+        call = begin_call(runtime, x, executor.class_obj.patch_size, time_dim_concat, transformer_options)
         # A copy, so nothing SALAD adds outlives this call.
         options = {**transformer_options, CALL_KEY: call}
         return executor(x, timestep, context, clip_fea, time_dim_concat, options, **kwargs)
@@ -243,7 +240,6 @@ def _outer_sample_wrapper(runtime: SaladRuntime):
         try:
             return executor(*args, **kwargs)
         finally:
-            runtime.release_rope_table()
             summary = runtime.stats.summary()
             log.info(
                 "SALAD run: %d SALAD steps + %d dense, measured sparsity %s, attention %s",

@@ -28,7 +28,6 @@ class CallInfo:
     step: int | None = None
     dense: bool = False
     fused: bool = False  # fused GPU kernels for this call (SaladRuntime.fused_kernels)
-    rope: tuple | None = None  # (rope_table.rope_key, the model's RoPE table) for this call
 
 
 class SaladRuntime:
@@ -42,7 +41,6 @@ class SaladRuntime:
         self.stats = SaladStats(info.num_layers)
         self._stswa_cache: dict = {}
         self._windows_cache: dict = {}
-        self._rope: tuple | None = None
         self._warned_dense_topk = False
 
     # -- per call ---------------------------------------------------------------------------
@@ -65,16 +63,6 @@ class SaladRuntime:
         dense = step is not None and step < self.config.dense_steps
         fused = device is not None and self.fused_kernels(torch.device(device))
         return CallInfo(grid=grid, step=step, dense=dense, fused=fused)
-
-    def rope_table(self, key: tuple, make) -> tuple:
-        """(key, table): the model's RoPE table for ``key``, made by ``make()`` once per run
-        (salad_core.rope_table). One table is kept, until the run ends."""
-        if self._rope is None or self._rope[0] != key:
-            self._rope = (key, make())
-        return self._rope
-
-    def release_rope_table(self) -> None:
-        self._rope = None
 
     def fused_kernels(self, device: torch.device) -> bool:
         """Whether the hot path uses the fused kernels (q/k norm + RoPE in one pass, the

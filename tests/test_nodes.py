@@ -264,11 +264,11 @@ def test_graph_runs_end_to_end(runner, tiny_name):
     assert ui["images"] and ui["text"][0] == summary
 
     # SALAD Apply cloned: the MODEL it was given carries no SALAD patch.
-    from salad_core.patch import salad_runtime
+    from salad_core.patch import ROPE_KEY, salad_runtime
 
     upstream, patched = run.output(MS), run.output(APPLY)
     assert patched is not upstream and salad_runtime(upstream) is None and salad_runtime(patched) is not None
-    assert not any("self_attn" in k for k in upstream.object_patches)
+    assert not any("self_attn" in k for k in upstream.object_patches) and ROPE_KEY not in upstream.object_patches
 
 
 def test_interactive_requeue_does_not_reload_model(runner, tiny_name):
