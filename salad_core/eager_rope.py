@@ -3,10 +3,11 @@
 ComfyUI's WanModel rebuilds its RoPE table (cos and sin of every token position, in fp64;
 ``comfy.ldm.flux.math.rope``) at every model call, and only self-attention reads it. Compiled,
 Inductor fuses that into one pointwise kernel that recomputes the fp64 powers, cos and sin for
-every output element: 13.6 ms per step at 1.3B 832x480x81 on an H100, the whole gap between
-compiled and eager SALAD (e2e-NOTES session 8). Eager it is two small fp64 kernels and a stack.
-SALAD's patch swaps the model's ``rope_embedder`` for this module: the same module and values,
-called with Dynamo disabled (one graph break per model call, outside the layers)."""
+every output element: 13.6 ms per step at 1.3B 832x480x81 on an H100, more than compiled SALAD
+gains everywhere else (e2e-NOTES session 8). Eager it is about a dozen small kernels per axis
+(fp64 pow, cos, sin), well under 1 ms. SALAD's patch swaps the model's ``rope_embedder`` for
+this module: the same module and values, called with Dynamo disabled (a graph break at each
+rope_encode call, before the layers: one per model call for t2v/i2v)."""
 
 from __future__ import annotations
 
