@@ -88,8 +88,10 @@ def apply_salad(model_patcher, config: SaladConfig, weights: SaladWeights | None
             stock_self_attention(model_patcher, layer), layer, branch, runtime, comfy.ldm.flux.math.apply_rope1
         )
         clone.add_object_patch(self_attn_key(layer), module)
-    # The RoPE table eagerly, also under torch.compile (salad_core.eager_rope).
-    clone.add_object_patch(ROPE_KEY, EagerRopeEmbedder(model_patcher.get_model_object(ROPE_KEY)))
+    # The RoPE table eagerly, also under torch.compile (salad_core.eager_rope); a Wan variant
+    # without ComfyUI 0.3.75's rope_embedder keeps its own.
+    if isinstance(getattr(dm, "rope_embedder", None), torch.nn.Module):
+        clone.add_object_patch(ROPE_KEY, EagerRopeEmbedder(model_patcher.get_model_object(ROPE_KEY)))
 
     ext = comfy.patcher_extension
     # Applied over an earlier SALAD patch: its wrappers and callback go (add_* appends).
