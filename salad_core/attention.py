@@ -147,23 +147,19 @@ class SaladSelfAttention(nn.Module):
         with self.runtime.timed():
             branch = self.salad if self.runtime.linear_active(self.layer) else None
             fused = fused and (branch is None or _plain_weight(branch.proj, x) is not None)
-            if fused:
-                # The gate first, x's last use here. (Inductor may still move the gate GEMV
-                # down to its consumer; see e2e-NOTES session 8.)
-                gate = None if branch is None else branch.gate_value(x)
-                linear_state = None
-                if branch is not None and cfg.sparse_mode == "topk":
-                    # One pass over q, k, v makes the linear state and the Top-K pooling.
-                    state, z, q_pool, k_pool_t = kernels.linear_state_pooled(q, k, v, cfg.block_size, cfg.backend)
-                    selection = self.runtime.selection_from_pooled(q_pool, k_pool_t, q.shape[2])
-                    linear_state = (state, z)
-                else:
-                    selection = self.runtime.selection(self.layer, q, k, call)
-                out = salad_attention_fused(
-                    q, k, v, gate, selection, branch, cfg.linear_scale, cfg.backend, cfg.eps, linear_state
-                )
+            linear_state = None
+            if fused and branch is not None and cfg.sparse_mode == "topk":
+                # One pass over q, k, v makes the linear state and the Top-K pooling.
+                state, z, q_pool, k_pool_t = kernels.linear_state_pooled(q, k, v, cfg.block_size, cfg.backend)
+                selection = self.runtime.selection_from_pooled(q_pool, k_pool_t, q.shape[2])
+                linear_state = (state, z)
             else:
                 selection = self.runtime.selection(self.layer, q, k, call)
+            if fused:
+                out, gate = salad_attention_fused(
+                    q, k, v, x, selection, branch, cfg.linear_scale, cfg.backend, cfg.eps, linear_state
+                )
+            else:
                 out, gate = salad_attention(
                     q, k, v, x, selection, branch,
                     linear_scale=cfg.linear_scale, backend=cfg.backend, eps=cfg.eps,
@@ -203,23 +199,23 @@ def salad_attention_fused(
     q: torch.Tensor,
     k: torch.Tensor,
     v: torch.Tensor,
-    gate: torch.Tensor | None,
+    x: torch.Tensor,
     selection: kernels.BlockSelection,
     branch: SaladBranch | None,
     linear_scale: float = 1.0,
     backend: str = "auto",
     eps: float = 1e-6,
     linear_state: tuple[torch.Tensor, torch.Tensor] | None = None,
-) -> torch.Tensor:
-    """``salad_attention``'s O~ with fewer passes (the GPU hot path), from the gate the caller
-    already took (``branch.gate_value(x)``; None with no branch): ``kernels.salad_attention``
-    does the sparse branch (with Proj's bias, scaled by lambda * s_l * g, in its epilogue), then
-    the linear branch (Proj folded into its state) in row chunks, each multiplied straight into
-    the sparse output. ``linear_state``: (S, z) from ``kernels.linear_state_pooled`` when the
-    caller made them with the Top-K pooling."""
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """Same result as ``salad_attention`` with fewer passes (the GPU hot path):
+    ``kernels.salad_attention`` does the sparse branch (with Proj's bias, scaled by
+    lambda * s_l * g, in its epilogue), then the linear branch (Proj folded into its state) in
+    row chunks, each multiplied straight into the sparse output. ``linear_state``: (S, z) from
+    ``kernels.linear_state_pooled`` when the caller made them with the Top-K pooling."""
     if branch is None:
         sparse, _ = kernels.block_sparse_attention(q, k, v, selection, backend=backend)
-        return merge_heads(sparse)
+        return merge_heads(sparse), None
+    gate = branch.gate_value(x)
     coeff = linear_scale * gate * branch.scale.float()  # [B] fp32
     bias = branch.proj.bias
     out = kernels.salad_attention(
@@ -227,4 +223,4 @@ def salad_attention_fused(
         proj_bias=None if bias is None else bias.to(device=q.device, dtype=torch.float32),
         linear_scale=coeff, eps=eps, backend=backend, linear_state=linear_state,
     )
-    return merge_heads(out)  # a view: the op writes [B, N, H, D]
+    return merge_heads(out), gate  # a view: the op writes [B, N, H, D]

@@ -46,6 +46,7 @@ def apply_salad(model_patcher, config: SaladConfig, weights: SaladWeights | None
     bad model or file raises with nothing patched.
     """
     import comfy.ldm.flux.math
+    import comfy.model_management
     import comfy.ops
     import comfy.patcher_extension
     import comfy.sd
@@ -77,7 +78,8 @@ def apply_salad(model_patcher, config: SaladConfig, weights: SaladWeights | None
         if layer not in drop and not branch.projection_is_zero():
             active.add(layer)
 
-    runtime = SaladRuntime(config, info, frozenset(active), source, sum(_state_bytes(b) for b in branches))
+    branch_bytes = sum(comfy.model_management.module_size(b) for b in branches)
+    runtime = SaladRuntime(config, info, frozenset(active), source, branch_bytes)
     # ComfyUI plans what to unload and how much of a model to keep on the GPU from the patcher's
     # model_size(), which a clone copies from its parent: count SALAD's branch weights in it
     # (and not those of an earlier SALAD patch on ``model_patcher``, which this one replaces).
@@ -110,10 +112,6 @@ def apply_salad(model_patcher, config: SaladConfig, weights: SaladWeights | None
         source, config.sparse_mode, config.sparsity, len(active), info.num_layers, len(drop), config.backend,
     )
     return clone
-
-
-def _state_bytes(module: torch.nn.Module) -> int:
-    return sum(t.nelement() * t.element_size() for t in module.state_dict().values())
 
 
 def branch_dtype(weight_dtype: torch.dtype, compute_dtype: torch.dtype | None) -> torch.dtype:
@@ -206,18 +204,16 @@ def unpin_branches(model_patcher, *_callback_args) -> None:
     if not keys:  # the usual case; no import either (ComfyUI also detaches in __del__, at exit too)
         return
     import comfy.model_management
+    import comfy.utils
 
     for key in keys:
-        weight = _resolve(model_patcher.model, key)
-        if weight is not None:  # else the path no longer resolves: drop the key ComfyUI would raise on
+        try:
+            weight = comfy.utils.get_attr(model_patcher.model, key)
+        except AttributeError:  # the path no longer resolves: drop the key ComfyUI would raise on
+            weight = None
+        if weight is not None:
             comfy.model_management.unpin_memory(weight)
         model_patcher.pinned.discard(key)
-
-
-def _resolve(module, key: str):
-    for name in key.split("."):
-        module = getattr(module, name, None)
-    return module
 
 
 def _diffusion_model_wrapper(runtime: SaladRuntime, branches: tuple, base_model):

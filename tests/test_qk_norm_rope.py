@@ -232,10 +232,11 @@ def test_fused_hot_path_equals_reference_salad_attention(live):
     branch = branch if live else None
     sel = kernels.select_topk_blocks(q, k, 16, 2, backend="torch")
     with torch.no_grad():
-        want, _ = salad_attention(q, k, v, x, sel, branch, linear_scale=0.7, backend="torch")
-        gate = None if branch is None else branch.gate_value(x)
-        got = salad_attention_fused(q, k, v, gate, sel, branch, linear_scale=0.7, backend="triton")
+        want, gate_want = salad_attention(q, k, v, x, sel, branch, linear_scale=0.7, backend="torch")
+        got, gate = salad_attention_fused(q, k, v, x, sel, branch, linear_scale=0.7, backend="triton")
     assert rel(got, want) < 1e-5, rel(got, want)
+    if live:
+        assert torch.allclose(gate, gate_want)
 
 
 @pytest.mark.slow
