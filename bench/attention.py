@@ -166,8 +166,10 @@ def run_shape(name, args, ctx):
         topk = topk_for(nb, sparsity)
         window = window_for(nb, sparsity)
         sel_topk = kernels.select_topk_blocks(q, k, BLOCK, topk, backend="triton")
+        # The default: one key list per 128-token query block (SaladConfig.query_group 2).
+        sel_topk128 = kernels.select_topk_blocks(q, k, BLOCK, topk, backend="triton", query_group=2)
         sel_sw = kernels.sliding_window_blocks(b, grid, BLOCK, torch.tensor([window] * h), temporal, dev, backend="triton")
-        for mode, sel in (("topk", sel_topk), ("stswa", sel_sw)):
+        for mode, sel in (("topk", sel_topk), ("topk_q128", sel_topk128), ("stswa", sel_sw)):
             if mode not in args.modes:
                 continue
             tag = f"{mode}_{sparsity}"
@@ -219,16 +221,18 @@ def run_shape(name, args, ctx):
 
                 def full(mode=mode, sel=sel, topk=topk):
                     s, state = sel, None
-                    if mode == "topk":  # as SaladSelfAttention: one pass for the state and the pooling
+                    if mode != "stswa":  # as SaladSelfAttention: one pass for the state and the pooling
                         *state, qp, kpt = kernels.linear_state_pooled(q, k, v, BLOCK, backend="triton")
-                        s = kernels.select_topk_pooled(qp, kpt, BLOCK, topk, n, backend="triton")
+                        s = kernels.select_topk_pooled(qp, kpt, BLOCK, topk, n, backend="triton",
+                                                       query_group=sel.query_group)
                     gate = torch.sigmoid(F.linear(x, w_gate, b_gate).float()).mean(dim=(1, 2)) * lam_s  # [B]
                     out = kernels.salad_attention(q, k, v, s, w_proj, b_proj, linear_scale=gate, backend="triton",
                                                   linear_state=state)
                     return out.transpose(1, 2).reshape(b, n, c)  # free: out keeps Wan's layout
 
                 def full_unfused(mode=mode, sel=sel, topk=topk):
-                    s = kernels.select_topk_blocks(q, k, BLOCK, topk, backend="triton") if mode == "topk" else sel
+                    s = sel if mode == "stswa" else kernels.select_topk_blocks(
+                        q, k, BLOCK, topk, backend="triton", query_group=sel.query_group)
                     gate = torch.sigmoid(F.linear(x, w_gate, b_gate).float()).mean(dim=(1, 2)) * lam_s
                     out, _ = kernels.block_sparse_attention(q, k, v, s, backend="triton")
                     out_l = kernels.linear_attention(q, k, v, backend="triton")
@@ -241,9 +245,9 @@ def run_shape(name, args, ctx):
                 record(ctx, f"salad_full_{tag}", "ms", full_ms, sparsity=round(meas, 2))
                 record(ctx, f"salad_full_{tag}", "extra_mem_x_q", peak_extra_bytes(full) / q_bytes)
                 record(ctx, f"salad_full_{tag}_unfused", "ms", time_ms(full_unfused, reps), sparsity=round(meas, 2))
-                if mode == "topk":
-                    record(ctx, f"select_{tag}", "ms",
-                           time_ms(lambda topk=topk: kernels.select_topk_blocks(q, k, BLOCK, topk, backend="triton"), reps))
+                if mode != "stswa":
+                    record(ctx, f"select_{tag}", "ms", time_ms(lambda topk=topk, g=sel.query_group: kernels.select_topk_blocks(
+                        q, k, BLOCK, topk, backend="triton", query_group=g), reps))
                 if sparsity == 90 and mode == "topk":
                     record(ctx, "linear_only", "ms", time_ms(lambda: kernels.linear_attention(q, k, v, backend="triton"), reps))
                     grad_lin = torch.randn_like(q)
@@ -332,7 +336,7 @@ def main():
     ap.add_argument("--check", action="store_true")
     ap.add_argument("--no-flex", action="store_true")
     ap.add_argument("--sparsities", default="90,95", type=lambda t: [int(x) for x in t.split(",")])
-    ap.add_argument("--modes", default="topk,stswa", type=lambda t: t.split(","))
+    ap.add_argument("--modes", default="topk,topk_q128,stswa", type=lambda t: t.split(","))
     ap.add_argument("--tag", default="", help="suffix for the result file stem, e.g. -run3")
     args = ap.parse_args()
     Path(args.out).mkdir(parents=True, exist_ok=True)

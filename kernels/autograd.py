@@ -105,7 +105,7 @@ def _grads(outputs, inputs, grad_outputs):
 
 # -- block-sparse attention -------------------------------------------------------------------
 def _bsa_setup(ctx, inputs, output):
-    q, k, v, kv_indices, kv_counts, token_order, block_size, scale, backend = inputs
+    q, k, v, kv_indices, kv_counts, token_order, block_size, _query_group, scale, backend = inputs
     ctx.backward_backend = backward_backend(q.device, dtype=q.dtype, head_dim=q.shape[-1],
                                             value_dim=v.shape[-1], block_size=block_size)
     # An unused output's gradient stays None instead of zeros (see _bsa_backward).
@@ -124,7 +124,7 @@ def _bsa_backward(ctx, grad_out, grad_lse):
     grads = _bsa_input_grads(ctx, saved, grad_out, grad_lse)
     grads = [torch.zeros_like(x) if g is None and needed else g
              for g, x, needed in zip(grads, saved[:3], ctx.needs_input_grad)]
-    return (*grads, None, None, None, None, None, None)
+    return (*grads, None, None, None, None, None, None, None)
 
 
 def _bsa_input_grads(ctx, saved, grad_out, grad_lse):

@@ -9,59 +9,69 @@ from __future__ import annotations
 
 import torch
 
-from .block_select.naive import spatial_temporal_token_order
+from .block_select.naive import spatial_temporal_token_order, topk_keep_count
 from .layout import into_layout, out_like
 from .linear_attn.naive import DEFAULT_EPS
 from .registry import implementation
-from .selection import BlockSelection, num_blocks
+from .selection import QUERY_GROUPS, BlockSelection, num_blocks
 
 
 @torch.library.custom_op("salad::select_topk_blocks", mutates_args=())
 def _select_topk_blocks_op(
-    q: torch.Tensor, k: torch.Tensor, block_size: int, topk: int, backend: str
+    q: torch.Tensor, k: torch.Tensor, block_size: int, topk: int, query_group: int, backend: str
 ) -> tuple[torch.Tensor, torch.Tensor]:
     impl = implementation("select_topk_blocks", backend, q.device)
-    selection = impl(q, k, block_size, topk)
+    selection = impl(q, k, block_size, topk, query_group)
     return selection.kv_indices.contiguous(), selection.kv_counts.contiguous()
 
 
-def _fake_topk_selection(like: torch.Tensor, b: int, h: int, nb: int, topk: int):
+def _fake_topk_selection(like: torch.Tensor, b: int, h: int, nb: int, topk: int, query_group: int):
     """The (kv_indices, kv_counts) a Top-K selection op returns, as empty int32 tensors."""
-    k_eff = max(1, min(topk, nb))
+    k_eff = topk_keep_count(topk, nb, query_group)
     return like.new_empty((b, h, nb, k_eff), dtype=torch.int32), like.new_empty((b, h, nb), dtype=torch.int32)
 
 
 @_select_topk_blocks_op.register_fake
-def _(q, k, block_size, topk, backend):
+def _(q, k, block_size, topk, query_group, backend):
     b, h, n, _ = q.shape
-    return _fake_topk_selection(q, b, h, num_blocks(n, block_size), topk)
+    return _fake_topk_selection(q, b, h, num_blocks(n, block_size), topk, query_group)
 
 
 def select_topk_blocks(
-    q: torch.Tensor, k: torch.Tensor, block_size: int, topk: int, backend: str = "auto"
+    q: torch.Tensor, k: torch.Tensor, block_size: int, topk: int, backend: str = "auto", query_group: int = 1
 ) -> BlockSelection:
-    """Top-K block selection (paper A.1.2), diagonal always kept."""
-    indices, counts = _select_topk_blocks_op(q, k, block_size, topk, backend)
-    return BlockSelection(indices, counts, block_size, q.shape[2])
+    """Top-K block selection (paper A.1.2), diagonal always kept. ``query_group`` 2: query blocks
+    of 2 * block_size tokens choose the key blocks (each list stored for both halves)."""
+    _check_query_group(query_group)
+    indices, counts = _select_topk_blocks_op(q, k, block_size, topk, query_group, backend)
+    return BlockSelection(indices, counts, block_size, q.shape[2], query_group=query_group)
+
+
+def _check_query_group(query_group: int) -> None:
+    if query_group not in QUERY_GROUPS:
+        raise ValueError(f"Expected query_group in {QUERY_GROUPS}, got {query_group}. "
+                         "Try 1 (query blocks of block_size tokens) or 2 (twice that).")
 
 
 @torch.library.custom_op("salad::select_topk_pooled", mutates_args=())
 def _select_topk_pooled_op(
-    q_pool: torch.Tensor, k_pool_t: torch.Tensor, block_size: int, topk: int, seq_len: int, backend: str
+    q_pool: torch.Tensor, k_pool_t: torch.Tensor, block_size: int, topk: int, seq_len: int, query_group: int,
+    backend: str,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     impl = implementation("select_topk_pooled", backend, q_pool.device)
-    selection = impl(q_pool, k_pool_t, block_size, topk, seq_len)
+    selection = impl(q_pool, k_pool_t, block_size, topk, seq_len, query_group)
     return selection.kv_indices.contiguous(), selection.kv_counts.contiguous()
 
 
 @_select_topk_pooled_op.register_fake
-def _(q_pool, k_pool_t, block_size, topk, seq_len, backend):
+def _(q_pool, k_pool_t, block_size, topk, seq_len, query_group, backend):
     b, h, nb, _ = q_pool.shape
-    return _fake_topk_selection(q_pool, b, h, nb, topk)
+    return _fake_topk_selection(q_pool, b, h, nb, topk, query_group)
 
 
 def select_topk_pooled(
-    q_pool: torch.Tensor, k_pool_t: torch.Tensor, block_size: int, topk: int, seq_len: int, backend: str = "auto"
+    q_pool: torch.Tensor, k_pool_t: torch.Tensor, block_size: int, topk: int, seq_len: int, backend: str = "auto",
+    query_group: int = 1,
 ) -> BlockSelection:
     """``select_topk_blocks`` from mean-pooled blocks (q_pool fp32 [B, H, nb, D], k_pool_t fp32
     [B, H, D, nb]), e.g. those ``linear_state_pooled`` makes in the linear branch's pass."""
@@ -72,8 +82,9 @@ def select_topk_pooled(
             f"blocks of {block_size}, got {tuple(q_pool.shape)} and {tuple(k_pool_t.shape)}. "
             "Try pooling with the same block_size (linear_state_pooled)."
         )
-    indices, counts = _select_topk_pooled_op(q_pool, k_pool_t, block_size, topk, seq_len, backend)
-    return BlockSelection(indices, counts, block_size, seq_len)
+    _check_query_group(query_group)
+    indices, counts = _select_topk_pooled_op(q_pool, k_pool_t, block_size, topk, seq_len, query_group, backend)
+    return BlockSelection(indices, counts, block_size, seq_len, query_group=query_group)
 
 
 def sliding_window_blocks(
@@ -101,17 +112,18 @@ def _block_sparse_attention_op(
     kv_counts: torch.Tensor,
     token_order: torch.Tensor | None,
     block_size: int,
+    query_group: int,
     scale: float,
     backend: str,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    selection = BlockSelection(kv_indices, kv_counts, block_size, q.shape[2], token_order)
+    selection = BlockSelection(kv_indices, kv_counts, block_size, q.shape[2], token_order, query_group)
     impl = implementation("block_sparse_attention", backend, q.device)
     out, lse = impl(q, k, v, selection, scale)
     return into_layout(out, q), lse.contiguous()
 
 
 @_block_sparse_attention_op.register_fake
-def _(q, k, v, kv_indices, kv_counts, token_order, block_size, scale, backend):
+def _(q, k, v, kv_indices, kv_counts, token_order, block_size, query_group, scale, backend):
     b, h, n, _ = q.shape
     return (
         out_like(q, v.shape[-1]),
@@ -134,7 +146,7 @@ def block_sparse_attention(
     scale = q.shape[-1] ** -0.5 if scale is None else float(scale)
     return _block_sparse_attention_op(
         q, k, v, selection.kv_indices, selection.kv_counts, selection.token_order,
-        selection.block_size, scale, backend,
+        selection.block_size, selection.query_group, scale, backend,
     )
 
 
@@ -220,17 +232,18 @@ def _salad_sparse_op(
     kv_counts: torch.Tensor,
     token_order: torch.Tensor | None,
     block_size: int,
+    query_group: int,
     out_bias: torch.Tensor | None,
     scale: float,
     backend: str,
 ) -> torch.Tensor:
-    selection = BlockSelection(kv_indices, kv_counts, block_size, q.shape[2], token_order)
+    selection = BlockSelection(kv_indices, kv_counts, block_size, q.shape[2], token_order, query_group)
     impl = implementation("salad_sparse", backend, q.device)
     return into_layout(impl(q, k, v, selection, out_bias, scale), q)
 
 
 @_salad_sparse_op.register_fake
-def _(q, k, v, kv_indices, kv_counts, token_order, block_size, out_bias, scale, backend):
+def _(q, k, v, kv_indices, kv_counts, token_order, block_size, query_group, out_bias, scale, backend):
     return out_like(q, v.shape[-1])
 
 
@@ -317,7 +330,7 @@ def salad_attention(
         out_bias = (coeff[:, None] * proj_bias.to(device=q.device, dtype=torch.float32)[None, :]).contiguous()
     out = _salad_sparse_op(
         q, k, v, selection.kv_indices, selection.kv_counts, selection.token_order,
-        selection.block_size, out_bias, scale, backend,
+        selection.block_size, selection.query_group, out_bias, scale, backend,
     )
     _salad_linear_add_op(out, q, state, z, proj_weight, linear_scale, float(eps), backend)  # out += c * O_l W_p^T
     return out

@@ -1,7 +1,10 @@
 """The block-sparse structure shared by every kernel: which key blocks each query block reads.
 
 Tensors follow the [B, H, N, D] layout (any strides). Query and key blocks have the same size
-and tile the sequence from token 0; the last block may be partial.
+and tile the sequence from token 0; the last block may be partial. Top-K may choose one key list
+per group of ``query_group`` consecutive query blocks (a 128-token query block over 64-token key
+blocks); the list is stored once per query block, so every kernel reads it the same way, and
+``query_group`` tells the Hopper kernel that it may load each K/V tile once for the whole group.
 """
 
 from __future__ import annotations
@@ -9,6 +12,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch
+
+QUERY_GROUPS = (1, 2)
 
 
 @dataclass(frozen=True)
@@ -21,6 +26,8 @@ class BlockSelection:
     token_order: optional int64 [H, N] — per-head permutation: position p of the head's
         working order holds original token ``token_order[h, p]``. ``None`` means the
         natural (frame-major) order for every head. Blocks are taken in the working order.
+    query_group: 1, or 2 when query blocks 2m and 2m + 1 hold the same list (Top-K with
+        128-token query blocks; ``token_order`` must then be None).
     """
 
     kv_indices: torch.Tensor
@@ -28,8 +35,15 @@ class BlockSelection:
     block_size: int
     seq_len: int
     token_order: torch.Tensor | None = None
+    query_group: int = 1
 
     def __post_init__(self):
+        if self.query_group not in QUERY_GROUPS or (self.query_group > 1 and self.token_order is not None):
+            raise ValueError(
+                f"Expected query_group in {QUERY_GROUPS} (2 only without a token_order), got "
+                f"{self.query_group} with token_order {'set' if self.token_order is not None else 'None'}. "
+                "Try query_group=1 (one key list per query block)."
+            )
         if self.kv_indices.dim() != 4 or self.kv_counts.dim() != 3:
             raise ValueError(
                 f"Expected kv_indices [B, H, n_blocks, max_kv] and kv_counts [B, H, n_blocks], "
@@ -95,6 +109,32 @@ def block_sizes(seq_len: int, block_size: int, device) -> torch.Tensor:
     in sampling, through the stats' kept_token_pairs)."""
     starts = torch.arange(0, seq_len, block_size, dtype=torch.float64, device=device)
     return (seq_len - starts).clamp(max=block_size)
+
+
+def pool_query_groups(q_pool: torch.Tensor, seq_len: int, block_size: int, query_group: int) -> torch.Tensor:
+    """fp32 [B, H, nb, D] block means -> [B, H, ceil(nb / query_group), D] means over groups of
+    ``query_group`` blocks, weighted by the tokens each block holds (so a group's mean is the
+    mean over its tokens, a partial last block included)."""
+    if query_group == 1:
+        return q_pool
+    b, h, nb, d = q_pool.shape
+    groups = -(-nb // query_group)
+    sizes = block_sizes(seq_len, block_size, q_pool.device).to(torch.float32)
+    pad = groups * query_group - nb
+    weighted = torch.nn.functional.pad(q_pool.float() * sizes[:, None], (0, 0, 0, pad))
+    totals = torch.nn.functional.pad(sizes, (0, pad)).view(groups, query_group).sum(-1)
+    return weighted.view(b, h, groups, query_group, d).sum(3) / totals[:, None]
+
+
+def repeat_query_groups(
+    kv_indices: torch.Tensor, kv_counts: torch.Tensor, query_group: int, n_blocks: int
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Lists chosen per group of ``query_group`` query blocks ([B, H, groups, ...]) stored once
+    per query block ([B, H, n_blocks, ...]), the layout BlockSelection holds."""
+    if query_group == 1:
+        return kv_indices, kv_counts
+    return (kv_indices.repeat_interleave(query_group, dim=2)[:, :, :n_blocks].contiguous(),
+            kv_counts.repeat_interleave(query_group, dim=2)[:, :, :n_blocks].contiguous())
 
 
 def valid_mask(selection: BlockSelection) -> torch.Tensor:

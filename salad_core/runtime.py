@@ -83,7 +83,8 @@ class SaladRuntime:
         b, _, n, _ = q.shape
         nb = kernels.num_blocks(n, cfg.block_size)
         if cfg.sparse_mode == "topk":
-            return kernels.select_topk_blocks(q, k, cfg.block_size, cfg.topk_for(nb), backend=cfg.backend)
+            return kernels.select_topk_blocks(q, k, cfg.block_size, cfg.topk_for(nb), backend=cfg.backend,
+                                              query_group=cfg.query_group)
         grid = call.grid
         if grid is None or grid[0] * grid[1] * grid[2] != n:
             raise ValueError(
@@ -97,7 +98,8 @@ class SaladRuntime:
         """Top-K selection from blocks already mean-pooled (``kernels.linear_state_pooled``)."""
         cfg = self.config
         topk = cfg.topk_for(kernels.num_blocks(seq_len, cfg.block_size))
-        return kernels.select_topk_pooled(q_pool, k_pool_t, cfg.block_size, topk, seq_len, backend=cfg.backend)
+        return kernels.select_topk_pooled(q_pool, k_pool_t, cfg.block_size, topk, seq_len, backend=cfg.backend,
+                                          query_group=cfg.query_group)
 
     def _stswa_selection(self, layer: int, grid, batch: int, device) -> kernels.BlockSelection:
         cfg = self.config

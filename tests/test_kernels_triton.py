@@ -82,23 +82,33 @@ def wan_qkv(b, h, n, d, dtype, device, seed):
     ]
 
 
-def check_topk(q, k, bs, topk):
+def check_topk(q, k, bs, topk, query_group=1):
+    """The Triton selection (pooling at bs, then groups of query_group query blocks scored with
+    their token-weighted mean) against the naive one (pooling q at bs * query_group directly)."""
     from kernels.block_select.triton import select_topk_blocks_triton
 
-    sel = select_topk_blocks_triton(q, k, bs, topk)
-    ref = select_topk_blocks_naive(q, k, bs, topk)
+    sel = select_topk_blocks_triton(q, k, bs, topk, query_group)
+    ref = select_topk_blocks_naive(q, k, bs, topk, query_group)
+    assert sel.query_group == ref.query_group == query_group
     assert sel.kv_indices.shape == ref.kv_indices.shape
     assert torch.equal(sel.kv_counts, ref.kv_counts)
     assert int(sel.kv_indices.min()) >= 0
     idx = sel.kv_indices.long()
     assert bool((idx[..., 1:] > idx[..., :-1]).all()), "ids must be ascending and unique"
+    nb = idx.shape[2]
+    rows = torch.arange(nb, device=idx.device)
+    for offset in range(query_group):  # every block of a group holds its group's diagonal blocks
+        diag = (rows // query_group * query_group + offset).clamp(max=nb - 1)
+        assert bool((idx == diag[:, None]).any(-1).all())
+    if query_group == 2:  # and one list per group
+        assert torch.equal(idx[:, :, 1::2], idx[:, :, 0:nb - 1:2][:, :, :idx[:, :, 1::2].shape[2]])
     if not torch.equal(sel.kv_indices, ref.kv_indices):
         # Near-ties may legitimately differ: the chosen set's scores must match the reference's.
         from kernels.block_select.naive import mean_pool_blocks
 
-        scores = mean_pool_blocks(q, bs).double() @ mean_pool_blocks(k, bs).double().transpose(-1, -2)
-        nb = scores.shape[-1]
-        scores = scores + torch.eye(nb, device=scores.device, dtype=scores.dtype) * 1e30
+        q_rows = mean_pool_blocks(q, bs * query_group).double().repeat_interleave(query_group, dim=2)[:, :, :nb]
+        scores = q_rows @ mean_pool_blocks(k, bs).double().transpose(-1, -2)
+        scores = scores + (rows[None, :] // query_group == rows[:, None] // query_group).to(scores.dtype) * 1e30
         got = scores.gather(-1, idx).sort(-1).values
         want = scores.gather(-1, ref.kv_indices.long()).sort(-1).values
         torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-4)
@@ -519,6 +529,33 @@ def test_gluon_kernel_choice_layouts_and_edges_gpu():
 
 
 @gpu_only
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=["bf16", "fp16"])
+@pytest.mark.parametrize("shape", GPU_SHAPES, ids=lambda s: "B{}H{}N{}D{}".format(*s))
+@pytest.mark.parametrize("topk", [1, 4, 10_000], ids=["k1", "k4", "kall"])
+def test_gluon_grouped_kernel_gpu(shape, dtype, topk):
+    """query_group 2 (one list per pair of query blocks): the warp-specialised Gluon kernel
+    against the fp64 reference, and equal to the single-block kernel on the same lists."""
+    if not is_hopper():
+        pytest.skip("the Gluon kernel is for Hopper (sm_90)")
+    from kernels.block_sparse_attn import triton as bsa_t
+
+    b, h, n, d = shape
+    q, k, v = wan_qkv(b, h, n, d, dtype, "cuda", seed=n + h + d + topk + 7)
+    sel = check_topk(q, k, 64, topk, query_group=2)
+    assert bsa_t.sparse_forward_kernel(q, k, v, sel) == "gluon"
+    out, lse = check_attention(q, k, v, sel)
+    single = kernels.BlockSelection(sel.kv_indices, sel.kv_counts, 64, n)  # the same lists, one block a program
+    out1, lse1 = kernels.block_sparse_attention(q, k, v, single, backend="triton")
+    assert torch.equal(out, out1) and torch.equal(lse, lse1)
+    if topk == 4:
+        check_salad(q, k, v, sel, seed=n + 1)  # the per-head output bias in the grouped epilogue
+        v_inf = v.clone()
+        v_inf[-1, :, :64] = float("inf")  # the last batch's first block, just past the others' rows
+        out_inf, _ = bsa_t.block_sparse_attention_triton(q, k, v_inf, sel)
+        assert not out_inf[:-1].isnan().any()
+
+
+@gpu_only
 def test_gluon_compile_failure_warns_once_and_uses_the_triton_kernel_gpu(monkeypatch, caplog):
     if not is_hopper():
         pytest.skip("the Gluon kernel is for Hopper (sm_90)")
@@ -555,21 +592,26 @@ from triton.experimental.gluon._runtime import GluonASTSource
 from kernels.block_sparse_attn import gluon as bsa_g
 
 dtype_name, d, dv, has_bias, ptx = sys.argv[1], int(sys.argv[2]), int(sys.argv[3]), sys.argv[4] == "1", sys.argv[5]
+grouped = sys.argv[6] == "1"
 torch_dtype = {"bf16": bsa_g.torch.bfloat16, "fp16": bsa_g.torch.float16}[dtype_name]
 desc = {w: f"tensordesc<{dtype_name}[1,64,{w}],{bsa_g._smem_layout(64, w, torch_dtype)!r}>" for w in (d, dv)}
-fn = bsa_g._bsa_fwd_hopper_kernel
+fn = bsa_g._bsa_fwd_hopper_grouped_kernel if grouped else bsa_g._bsa_fwd_hopper_kernel
 sig = {name: "i32" for name in fn.arg_names}
 sig.update(q_desc=desc[d], k_desc=desc[d], v_desc=desc[dv], O="*" + dtype_name, LSE="*fp32", KVI="*i32",
            KVC="*i32", OBIAS="*fp32", qk_scale="fp32")
-const = dict(BS=64, D=d, DV=dv, STAGES=bsa_g.STAGES, HAS_OBIAS=has_bias)
+const = dict(BS=64, D=d, DV=dv, STAGES=bsa_g.GROUPED_STAGES if grouped else bsa_g.STAGES, HAS_OBIAS=has_bias)
+options = {"num_warps": 4}
+if grouped:
+    const["CONSUMER_REGS"] = bsa_g.CONSUMER_REGS
+    options["maxnreg"] = bsa_g.GROUPED_MAXNREG
 sig.update({name: "constexpr" for name in const})
 src = GluonASTSource(fn, sig, constexprs={(fn.arg_names.index(k),): val for k, val in const.items()})
-compiled = triton.compile(src, target=GPUTarget("cuda", 90, 32), options={"num_warps": 4})
+compiled = triton.compile(src, target=GPUTarget("cuda", 90, 32), options=options)
 open(ptx, "w").write(compiled.asm["ptx"])
 """
 
 
-def _ptxas_verdict(dtype_name, d, dv, has_bias, tmp_path):
+def _ptxas_verdict(dtype_name, d, dv, has_bias, tmp_path, grouped=False):
     """Compile the Gluon kernel for sm_90a on this (GPU-less) machine; ptxas -v's report. (Integer
     arguments are plain i32 here, without the divisibility hints a real launch specialises on.)"""
     import subprocess
@@ -581,7 +623,8 @@ def _ptxas_verdict(dtype_name, d, dv, has_bias, tmp_path):
     ptx = str(tmp_path / "bsa_gluon.ptx")
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-    subprocess.run([sys.executable, "-c", _COMPILE_FOR_SM90, dtype_name, str(d), str(dv), str(int(has_bias)), ptx],
+    subprocess.run([sys.executable, "-c", _COMPILE_FOR_SM90, dtype_name, str(d), str(dv), str(int(has_bias)), ptx,
+                    str(int(grouped))],
                    env=env, cwd=root, check=True, timeout=300)
     run = subprocess.run([ptxas, "-arch=sm_90a", "-v", ptx, "-o", os.devnull], capture_output=True, text=True,
                          check=True, timeout=300)
@@ -590,9 +633,11 @@ def _ptxas_verdict(dtype_name, d, dv, has_bias, tmp_path):
 
 @pytest.mark.skipif(not HAS_TRITON, reason="needs Triton")
 @pytest.mark.parametrize("dtype_name,d,dv,has_bias", [("bf16", 128, 128, True), ("fp16", 64, 64, False), ("bf16", 128, 64, False)])
-def test_gluon_kernel_compiles_for_hopper_without_spills_or_serialised_wgmma(dtype_name, d, dv, has_bias, tmp_path):
+@pytest.mark.parametrize("grouped", [False, True], ids=["single", "grouped"])
+def test_gluon_kernel_compiles_for_hopper_without_spills_or_serialised_wgmma(dtype_name, d, dv, has_bias, grouped,
+                                                                              tmp_path):
     pytest.importorskip("triton.experimental.gluon.language.nvidia.hopper")
-    verdict = _ptxas_verdict(dtype_name, d, dv, has_bias, tmp_path)
+    verdict = _ptxas_verdict(dtype_name, d, dv, has_bias, tmp_path, grouped)
     assert "0 bytes spill stores, 0 bytes spill loads" in verdict, verdict
     # C7514/C7515: ptxas waits after every wgmma because registers of one in flight are touched.
     assert "serialized" not in verdict, verdict
@@ -622,6 +667,37 @@ def test_topk_impls_cpu(impl, monkeypatch):
     q, k, _ = wan_qkv(2, 3, 170, 64, torch.bfloat16, "cpu", seed=17)
     for topk in (1, 4, 50):
         check_topk(q, k, 16, topk)
+
+
+@cpu_only
+@pytest.mark.parametrize("impl", ["torch", "triton"])
+@pytest.mark.parametrize("case", [(2, 2, 267, 32, 16, 1), (2, 3, 267, 32, 16, 5), (2, 2, 245, 32, 16, 99),
+                                  (1, 1, 4399, 16, 4, 118)], ids=lambda c: "B{}H{}N{}D{}bs{}k{}".format(*c))
+def test_topk_query_group_cpu(case, impl, monkeypatch):
+    """128-token query blocks over 64-token key blocks, in small: nb 17 (an odd count, the last
+    group a single partial block), nb 16 with k = all, nb 1100 (two column segments)."""
+    from kernels.block_select import triton as sel_t
+
+    monkeypatch.setattr(sel_t, "TOPK_IMPL", impl)
+    b, h, n, d, bs, topk = case
+    q, k, _ = wan_qkv(b, h, n, d, torch.bfloat16, "cpu", seed=n + topk + 1)
+    sel = check_topk(q, k, bs, topk, query_group=2)
+    assert int(sel.kv_counts.min()) == min(max(topk, 2), -(-n // bs))  # both diagonal blocks even at k = 1
+    # Through the public op, from blocks the linear-state pass pooled.
+    qp, kpt = sel_t.mean_pool_blocks_triton(q, k, bs)
+    pooled = kernels.select_topk_pooled(qp, kpt, bs, topk, n, backend="triton", query_group=2)
+    assert pooled.query_group == 2 and torch.equal(pooled.kv_indices, sel.kv_indices)
+
+
+def test_block_selection_query_group_rules():
+    idx = torch.zeros(1, 1, 2, 1, dtype=torch.int32)
+    cnt = torch.ones(1, 1, 2, dtype=torch.int32)
+    with pytest.raises(ValueError, match="query_group"):
+        kernels.BlockSelection(idx, cnt, 64, 100, query_group=3)
+    with pytest.raises(ValueError, match="token_order"):
+        kernels.BlockSelection(idx, cnt, 64, 100, torch.arange(100)[None], query_group=2)
+    with pytest.raises(ValueError, match="query_group"):
+        kernels.select_topk_blocks(torch.zeros(1, 1, 100, 16), torch.zeros(1, 1, 100, 16), 64, 1, query_group=4)
 
 
 def tied_qk(b, h, nb, bs, n, d, seed):

@@ -4,10 +4,11 @@ largest tensor here is [B, H, n_blocks, n_blocks], never token-by-token."""
 from __future__ import annotations
 
 import math
+from dataclasses import replace
 
 import torch
 
-from ..selection import BlockSelection, block_sizes, num_blocks, selection_from_block_mask
+from ..selection import BlockSelection, block_sizes, num_blocks, pool_query_groups, selection_from_block_mask
 
 
 def mean_pool_blocks(x: torch.Tensor, block_size: int) -> torch.Tensor:
@@ -23,29 +24,41 @@ def mean_pool_blocks(x: torch.Tensor, block_size: int) -> torch.Tensor:
 
 
 def select_topk_blocks_naive(
-    q: torch.Tensor, k: torch.Tensor, block_size: int, topk: int
+    q: torch.Tensor, k: torch.Tensor, block_size: int, topk: int, query_group: int = 1
 ) -> BlockSelection:
     """Paper A.1.2: score mean-pooled q blocks against mean-pooled k blocks, keep the top-k key
-    blocks per query block; the diagonal block is always kept (it counts towards k)."""
-    return select_topk_pooled_naive(
-        mean_pool_blocks(q, block_size), mean_pool_blocks(k, block_size).transpose(-1, -2),
-        block_size, topk, q.shape[2],
-    )
+    blocks per query block; the diagonal block is always kept (it counts towards k).
+
+    query_group 2: query blocks of 2 * block_size tokens (pooled over all their tokens) choose
+    among key blocks of block_size; both key blocks they overlap are kept."""
+    q_rows = mean_pool_blocks(q, block_size * query_group)
+    return _topk_from_rows(q_rows, mean_pool_blocks(k, block_size).transpose(-1, -2), block_size, topk,
+                           q.shape[2], query_group)
 
 
 def select_topk_pooled_naive(
-    q_pool: torch.Tensor, k_pool_t: torch.Tensor, block_size: int, topk: int, seq_len: int
+    q_pool: torch.Tensor, k_pool_t: torch.Tensor, block_size: int, topk: int, seq_len: int, query_group: int = 1
 ) -> BlockSelection:
     """``select_topk_blocks_naive`` from already pooled blocks: q_pool fp32 [B, H, nb, D],
     k_pool_t fp32 [B, H, D, nb] (the pooled k transposed)."""
-    nb = q_pool.shape[2]
-    k_eff = max(1, min(int(topk), nb))
-    scores = q_pool @ k_pool_t
-    diag = torch.eye(nb, dtype=torch.bool, device=q_pool.device)
+    q_rows = pool_query_groups(q_pool, seq_len, block_size, query_group)
+    return _topk_from_rows(q_rows, k_pool_t, block_size, topk, seq_len, query_group)
+
+
+def topk_keep_count(topk: int, n_blocks: int, query_group: int) -> int:
+    """Key blocks kept per query block: topk, at least the query_group diagonal blocks, at most all."""
+    return max(1, min(n_blocks, max(int(topk), query_group)))
+
+
+def _topk_from_rows(q_rows, k_pool_t, block_size, topk, seq_len, query_group):
+    nq, nb = q_rows.shape[2], k_pool_t.shape[-1]
+    scores = q_rows @ k_pool_t
+    diag = torch.arange(nb, device=scores.device) // query_group == torch.arange(nq, device=scores.device)[:, None]
     scores = scores.masked_fill(diag, float("inf"))
-    top = scores.topk(k_eff, dim=-1).indices
+    top = scores.topk(topk_keep_count(topk, nb, query_group), dim=-1).indices
     mask = torch.zeros_like(scores, dtype=torch.bool).scatter_(-1, top, True)
-    return selection_from_block_mask(mask, block_size, seq_len)
+    mask = mask.repeat_interleave(query_group, dim=2)[:, :, :nb]
+    return replace(selection_from_block_mask(mask, block_size, seq_len), query_group=query_group)
 
 
 def window_radius_blocks(window: int, block_size: int) -> int:

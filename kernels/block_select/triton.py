@@ -19,8 +19,8 @@ import torch
 import triton
 import triton.language as tl
 
-from ..selection import BlockSelection, num_blocks
-from .naive import window_radius_blocks
+from ..selection import BlockSelection, num_blocks, pool_query_groups, repeat_query_groups
+from .naive import topk_keep_count, window_radius_blocks
 
 # "triton" (default): the fused score + radix-select kernel below. H100, pooling included:
 # 1.3B (nb 512, k 51) 0.20-0.23 ms vs 0.48 ms for the torch path timed in the same run; 14B
@@ -61,17 +61,17 @@ def _pool_kernel(
 
 @triton.jit
 def _score_keys(
-    QP, KPT, bh, rows, row_ok, c0, NB,
-    BQ: tl.constexpr, S: tl.constexpr, D: tl.constexpr, DC: tl.constexpr,
+    QP, KPT, bh, rows, row_ok, c0, NB, NQ,
+    BQ: tl.constexpr, S: tl.constexpr, D: tl.constexpr, DC: tl.constexpr, G: tl.constexpr,
 ):
     """uint32 keys [BQ, S] for key blocks c0 .. c0 + S - 1, ordered like the fp32 scores.
 
-    The diagonal gets the largest key (always kept), columns past NB get 0 and real columns at
-    least 1, so padding never reaches the threshold."""
+    The diagonal (the G key blocks a query row overlaps) gets the largest key (always kept),
+    columns past NB get 0 and real columns at least 1, so padding never reaches the threshold."""
     cols = c0 + tl.arange(0, S)
     col_ok = cols < NB
     dk = tl.arange(0, DC)
-    qp = QP + (bh * NB + rows[:, None]) * D + dk[None, :]
+    qp = QP + (bh * NQ + rows[:, None]) * D + dk[None, :]
     kpt = KPT + bh * D * NB + dk[:, None] * NB + cols[None, :]
     acc = tl.zeros([BQ, S], dtype=tl.float32)
     for d0 in range(0, D, DC):
@@ -83,7 +83,7 @@ def _score_keys(
     bits = acc.to(tl.uint32, bitcast=True)
     # Negative floats: flip all bits (larger magnitude -> smaller key); others: set the sign bit.
     key = bits ^ tl.where(bits >= 0x80000000, 0xFFFFFFFF, 0x80000000)
-    key = tl.where(rows[:, None] == cols[None, :], 0xFFFFFFFF, key)
+    key = tl.where(rows[:, None] == cols[None, :] // G, 0xFFFFFFFF, key)
     # Key 0 is reserved for padding (only the all-ones NaN maps there; it is clamped to 1).
     return tl.where(col_ok[None, :], tl.maximum(key, 1), 0), cols
 
@@ -114,17 +114,17 @@ def _store_selected(IDX, out_row, key, cols, t, lim, row_ok, first):
 @triton.jit
 def _topk_kernel(
     QP, KPT, IDX, CNT,
-    NB, TOPK,
+    NB, NQ, TOPK,
     BQ: tl.constexpr, S1: tl.constexpr, S2: tl.constexpr, CB: tl.constexpr,
-    D: tl.constexpr, DC: tl.constexpr,
+    D: tl.constexpr, DC: tl.constexpr, G: tl.constexpr,
 ):
     # A row is two power-of-two column segments, S1 + S2 (see _topk_segments).
     tile = tl.program_id(0)
     bh = tl.program_id(1)
     rows = tile * BQ + tl.arange(0, BQ)
-    row_ok = rows < NB
-    key1, cols1 = _score_keys(QP, KPT, bh, rows, row_ok, 0, NB, BQ, S1, D, DC)
-    key2, cols2 = _score_keys(QP, KPT, bh, rows, row_ok, S1, NB, BQ, S2, D, DC)
+    row_ok = rows < NQ
+    key1, cols1 = _score_keys(QP, KPT, bh, rows, row_ok, 0, NB, NQ, BQ, S1, D, DC, G)
+    key2, cols2 = _score_keys(QP, KPT, bh, rows, row_ok, S1, NB, NQ, BQ, S2, D, DC, G)
 
     # Radix select: t = the largest value with count(key >= t) >= TOPK, built from the top bit
     # down. A row is done once exactly TOPK keys are >= t (its top-k set is then fixed), so the
@@ -156,10 +156,10 @@ def _topk_kernel(
             n = _count_tied_below(key1, cols1, t, bound) + _count_tied_below(key2, cols2, t, bound)
             lim = tl.where(n <= need, bound, lim)
 
-    out_row = (bh * NB + rows) * TOPK
+    out_row = (bh * NQ + rows) * TOPK
     n1 = _store_selected(IDX, out_row, key1, cols1, t, lim, row_ok, tl.zeros([BQ], dtype=tl.int32))
     _store_selected(IDX, out_row, key2, cols2, t, lim, row_ok, n1)
-    tl.store(CNT + bh * NB + rows, tl.zeros([BQ], dtype=tl.int32) + TOPK, mask=row_ok)
+    tl.store(CNT + bh * NQ + rows, tl.zeros([BQ], dtype=tl.int32) + TOPK, mask=row_ok)
 
 
 def mean_pool_blocks_triton(q: torch.Tensor, k: torch.Tensor, block_size: int):
@@ -201,29 +201,34 @@ def _topk_launch(s1: int, s2: int) -> tuple[int, int, int]:
 
 
 def select_topk_blocks_triton(
-    q: torch.Tensor, k: torch.Tensor, block_size: int, topk: int
+    q: torch.Tensor, k: torch.Tensor, block_size: int, topk: int, query_group: int = 1
 ) -> BlockSelection:
     """Same contract as select_topk_blocks_naive: exactly k_eff ids per row, ascending."""
     qp, kpt = mean_pool_blocks_triton(q, k, block_size)
-    return select_topk_pooled_triton(qp, kpt, block_size, topk, q.shape[2])
+    return select_topk_pooled_triton(qp, kpt, block_size, topk, q.shape[2], query_group)
 
 
 def select_topk_pooled_triton(
-    qp: torch.Tensor, kpt: torch.Tensor, block_size: int, topk: int, seq_len: int
+    qp: torch.Tensor, kpt: torch.Tensor, block_size: int, topk: int, seq_len: int, query_group: int = 1
 ) -> BlockSelection:
     """Same contract as select_topk_pooled_naive (pooled fp32 q [B, H, nb, D] and k
     transposed [B, H, D, nb], e.g. from the linear-state kernel)."""
     b, h, nb, d = qp.shape
-    k_eff = max(1, min(int(topk), nb))
-    qp, kpt = (t.to(torch.float32).contiguous() for t in (qp, kpt))  # the scores are fp32 FMA
+    k_eff = topk_keep_count(topk, nb, query_group)
+    # The scores are fp32 FMA; groups of query blocks score with their token-weighted mean.
+    qp = pool_query_groups(qp.to(torch.float32), seq_len, block_size, query_group).contiguous()
+    kpt = kpt.to(torch.float32).contiguous()
+    nq = qp.shape[2]
     if TOPK_IMPL == "torch" or nb > TOPK_TRITON_MAX_BLOCKS:
-        # Block-level scores [nb, nb] (never token-level) through cuBLAS fp32, torch.topk, sort.
+        # Block-level scores [nq, nb] (never token-level) through cuBLAS fp32, torch.topk, sort.
         scores = qp @ kpt
-        scores.diagonal(dim1=-2, dim2=-1).fill_(float("inf"))
+        diag = torch.arange(nb, device=qp.device) // query_group == torch.arange(nq, device=qp.device)[:, None]
+        scores.masked_fill_(diag, float("inf"))
         top = scores.topk(k_eff, dim=-1, sorted=False).indices.sort(dim=-1).values
         idx = top.to(torch.int32)
-        cnt = torch.full((b, h, nb), k_eff, device=qp.device, dtype=torch.int32)
-        return BlockSelection(idx, cnt, block_size, seq_len)
+        cnt = torch.full((b, h, nq), k_eff, device=qp.device, dtype=torch.int32)
+        return BlockSelection(*repeat_query_groups(idx, cnt, query_group, nb), block_size, seq_len,
+                              query_group=query_group)
     if d % 16:
         raise ValueError(
             f"Expected a head dim that is a multiple of 16 for the Triton Top-K kernel, got {d}. "
@@ -231,17 +236,18 @@ def select_topk_pooled_triton(
         )
     s1, s2 = _topk_segments(nb)
     bq, num_warps, num_stages = _topk_launch(s1, s2)
-    idx = torch.empty(b, h, nb, k_eff, device=qp.device, dtype=torch.int32)
-    cnt = torch.empty(b, h, nb, device=qp.device, dtype=torch.int32)
+    idx = torch.empty(b, h, nq, k_eff, device=qp.device, dtype=torch.int32)
+    cnt = torch.empty(b, h, nq, device=qp.device, dtype=torch.int32)
     if POISON_OUTPUTS:
         idx.fill_(-1)
         cnt.fill_(-1)
-    _topk_kernel[(triton.cdiv(nb, bq), b * h)](
-        qp, kpt, idx, cnt, nb, k_eff,
-        BQ=bq, S1=s1, S2=s2, CB=(s1 + s2).bit_length(), D=d, DC=16,
+    _topk_kernel[(triton.cdiv(nq, bq), b * h)](
+        qp, kpt, idx, cnt, nb, nq, k_eff,
+        BQ=bq, S1=s1, S2=s2, CB=(s1 + s2).bit_length(), D=d, DC=16, G=query_group,
         num_warps=num_warps, num_stages=num_stages,
     )
-    return BlockSelection(idx, cnt, block_size, seq_len)
+    return BlockSelection(*repeat_query_groups(idx, cnt, query_group, nb), block_size, seq_len,
+                          query_group=query_group)
 
 
 @triton.jit

@@ -19,6 +19,9 @@ H100, Top-K 90 %, against the Triton kernel in the same run: 1.3B shape 1.347 vs
 The kernel is bound by L2 -> SM traffic (each 64-row query block streams its own 51 K/V
 tiles): in an ablation run where it took 1.44 ms, it still took 1.31 ms without the softmax and
 0.87 ms with neither loads nor softmax (``attention-h100-s6-ablation.json``).
+
+Selections with ``query_group`` 2 (Top-K with 128-token query blocks) run
+``_bsa_fwd_hopper_grouped_kernel``, which reads each K/V tile once for two query blocks.
 """
 
 from __future__ import annotations
@@ -160,7 +163,15 @@ def _bsa_fwd_hopper_kernel(
     for i in gl.static_range(STAGES):
         mbarrier.invalidate(k_bars.index(i))
         mbarrier.invalidate(v_bars.index(i))
+    _store_rows(acc, m_i, l_i, O, LSE, OBIAS, sob, soh, son, slb, slh, b, h, H, N, pid_m * BS, BS, DV, HAS_OBIAS,
+                o_layout)
 
+
+@gluon.jit
+def _store_rows(acc, m_i, l_i, O, LSE, OBIAS, sob, soh, son, slb, slh, b, h, H, N, row0,
+                BS: gl.constexpr, DV: gl.constexpr, HAS_OBIAS: gl.constexpr, o_layout: gl.constexpr):
+    """Normalise and store rows row0 .. row0 + BS - 1 (those below N) and their natural-log LSE."""
+    row_o: gl.constexpr = gl.SliceLayout(1, o_layout)
     l_o = gl.convert_layout(l_i, row_o, assert_trivial=True)
     empty = l_o == 0.0
     l_safe = gl.where(empty, 1.0, l_o)
@@ -168,14 +179,164 @@ def _bsa_fwd_hopper_kernel(
     cols = gl.arange(0, DV, layout=gl.SliceLayout(0, o_layout))
     if HAS_OBIAS:  # [B, H * DV] fp32, added before the single rounding
         out = out + gl.expand_dims(gl.load(OBIAS + (b * H + h) * DV + cols), 0)
-    rows = pid_m * BS + gl.arange(0, BS, layout=row_o)
+    rows = row0 + gl.arange(0, BS, layout=row_o)
     ok = rows < N
     m_o = gl.convert_layout(m_i, row_o, assert_trivial=True)
     lse = gl.where(empty, float("-inf"), (m_o + gl.log2(l_safe)) * 0.6931471805599453)
     o_base = O + b.to(gl.int64) * sob + h.to(gl.int64) * soh
-    gl.store(o_base + gl.expand_dims(rows, 1).to(gl.int64) * son + gl.expand_dims(cols, 0), out.to(dtype),
+    gl.store(o_base + gl.expand_dims(rows, 1).to(gl.int64) * son + gl.expand_dims(cols, 0), out.to(O.dtype.element_ty),
              mask=gl.expand_dims(ok, 1))
     gl.store(LSE + b * slb + h * slh + rows, lse, mask=ok)
+
+
+# -- grouped query blocks: two 64-row query blocks share one key list (Top-K, query_group 2) -----
+# One program per pair; three partitions (warp specialisation): a 1-warp producer streams each
+# K/V tile through a TMA ring once, and two 4-warp consumers (one per query block) each run the
+# loop above on it, releasing a slot through an "empty" barrier that both must arrive on. Each
+# tile is read from L2 once per 128 query rows instead of once per 64, which is what bound the
+# kernel above. H100, Top-K 90 %, against that kernel on the same lists in one run
+# (attention-h100-s9-ws.json): 1.3B 1.305 vs 1.516 ms, 14B 22.49 vs 27.45 ms. Registers: 12 warps
+# at GROUPED_MAXNREG, then 240 per consumer thread and 24 for the producer's warpgroup. Making the
+# two consumers take turns at the tensor cores (FA3's ping-pong) measured no faster (1.33-1.35 ms).
+GROUPED_STAGES = 3  # 3 slots: 1.305 ms, 2 slots: 1.340 ms (1.3B); 22.49 vs 22.40 ms (14B)
+GROUPED_MAXNREG = 168
+CONSUMER_REGS = 240
+
+
+@gluon.jit
+def _grouped_producer(smem, bars, scal, BS: gl.constexpr, D: gl.constexpr, DV: gl.constexpr,
+                      STAGES: gl.constexpr, HAS_OBIAS: gl.constexpr):
+    q_desc, k_desc, v_desc, q_smem, k_ring, v_ring = smem
+    q_bar, k_full, v_full, k_empty, v_empty = bars
+    O, LSE, KVI, KVC, OBIAS, sob, soh, son, slb, slh, s_ib, s_ih, s_im, s_cb, s_ch, H, N, plane_b, plane_h, col_h, col_hv, qk_scale = scal
+    pid_g = gl.program_id(0)
+    bh = gl.program_id(1)
+    b = bh // H
+    h = bh % H
+    plane = b * plane_b + h * plane_h
+    kvi = KVI + b * s_ib + h * s_ih + pid_g * s_im
+    count = gl.load(KVC + b * s_cb + h * s_ch + 2 * pid_g)  # counts: last dimension contiguous, per block
+    if count > 0:
+        for w in gl.static_range(2):  # a second block past N comes back as zeros (its rows are not stored)
+            mbarrier.expect(q_bar.index(w), q_desc.block_type.nbytes)
+            tma.async_copy_global_to_shared(q_desc, [plane, (2 * pid_g + w) * BS, h * col_h], q_bar.index(w),
+                                            q_smem.index(w))
+    for i in range(count):
+        slot = i % STAGES
+        phase = (i // STAGES) & 1
+        kb = gl.load(kvi + i)
+        mbarrier.wait(k_empty.index(slot), phase ^ 1)  # a fresh barrier passes parity 1 at once
+        _load_tile(k_desc, k_ring, k_full, slot, plane, kb * BS, h * col_h)
+        mbarrier.wait(v_empty.index(slot), phase ^ 1)
+        _load_tile(v_desc, v_ring, v_full, slot, plane, kb * BS, h * col_hv)
+
+
+@gluon.jit
+def _grouped_consumer(smem, bars, scal, WG: gl.constexpr, BS: gl.constexpr, D: gl.constexpr, DV: gl.constexpr,
+                      STAGES: gl.constexpr, HAS_OBIAS: gl.constexpr):
+    """Query block 2 * pid + WG over the pair's list: the single-block kernel's loop, with ring
+    slots released to the producer instead of refilled."""
+    q_desc, k_desc, v_desc, q_smem, k_ring, v_ring = smem
+    q_bar, k_full, v_full, k_empty, v_empty = bars
+    O, LSE, KVI, KVC, OBIAS, sob, soh, son, slb, slh, s_ib, s_ih, s_im, s_cb, s_ch, H, N, plane_b, plane_h, col_h, col_hv, qk_scale = scal
+    pid_g = gl.program_id(0)
+    bh = gl.program_id(1)
+    b = bh // H
+    h = bh % H
+    dtype: gl.constexpr = q_desc.dtype
+    s_layout: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[4, 1], instr_shape=[16, BS, 16])
+    o_layout: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[4, 1], instr_shape=[16, DV, 16])
+    q_layout: gl.constexpr = gl.DotOperandLayout(operand_index=0, parent=s_layout, k_width=2)
+    p_layout: gl.constexpr = gl.DotOperandLayout(operand_index=0, parent=o_layout, k_width=2)
+    row_s: gl.constexpr = gl.SliceLayout(1, s_layout)
+    row_o: gl.constexpr = gl.SliceLayout(1, o_layout)
+    kvi = KVI + b * s_ib + h * s_ih + pid_g * s_im
+    count = gl.load(KVC + b * s_cb + h * s_ch + 2 * pid_g)  # counts: last dimension contiguous, per block
+    m_i = gl.full([BS], float("-inf"), gl.float32, layout=row_s)
+    l_i = gl.zeros([BS], gl.float32, layout=row_s)
+    acc = gl.zeros([BS, DV], gl.float32, layout=o_layout)
+    zero_s = gl.zeros([BS, BS], gl.float32, layout=s_layout)
+    if count > 0:
+        mbarrier.wait(q_bar.index(WG), 0)
+        q = q_smem.index(WG).reshape([BS, D]).load(q_layout)
+        mbarrier.wait(k_full.index(0), 0)
+        s = warpgroup_mma(q, _tile(k_ring, 0, BS, D).permute((1, 0)), zero_s, use_acc=False, is_async=True)
+        s = warpgroup_mma_wait(0, deps=(s,))
+        mbarrier.arrive(k_empty.index(0), count=1)
+        p, alpha, m_i, l_i = _softmax_step(s, m_i, l_i, gl.load(kvi), N, qk_scale, BS, s_layout)
+        p = gl.convert_layout(p.to(dtype), p_layout)
+        for j in range(count - 1):
+            nxt = j + 1
+            slot_n = nxt % STAGES
+            slot = j % STAGES
+            mbarrier.wait(k_full.index(slot_n), (nxt // STAGES) & 1)
+            s_next = warpgroup_mma(q, _tile(k_ring, slot_n, BS, D).permute((1, 0)), zero_s, use_acc=False, is_async=True)
+            acc = acc * gl.expand_dims(gl.convert_layout(alpha, row_o, assert_trivial=True), 1)
+            mbarrier.wait(v_full.index(slot), (j // STAGES) & 1)
+            acc = warpgroup_mma(p, _tile(v_ring, slot, BS, DV), acc, is_async=True)
+            s = warpgroup_mma_wait(1, deps=(s_next,))  # QK^T of block j + 1 done; P V of block j in flight
+            mbarrier.arrive(k_empty.index(slot_n), count=1)
+            p, alpha, m_i, l_i = _softmax_step(s, m_i, l_i, gl.load(kvi + nxt), N, qk_scale, BS, s_layout)
+            p = gl.convert_layout(p.to(dtype), p_layout)
+            acc = warpgroup_mma_wait(0, deps=(acc,))
+            mbarrier.arrive(v_empty.index(slot), count=1)
+        last = count - 1
+        acc = acc * gl.expand_dims(gl.convert_layout(alpha, row_o, assert_trivial=True), 1)
+        slot = last % STAGES
+        mbarrier.wait(v_full.index(slot), (last // STAGES) & 1)
+        acc = warpgroup_mma(p, _tile(v_ring, slot, BS, DV), acc, is_async=True)
+        acc = warpgroup_mma_wait(0, deps=(acc,))
+    _store_rows(acc, m_i, l_i, O, LSE, OBIAS, sob, soh, son, slb, slh, b, h, H, N, (2 * pid_g + WG) * BS,
+                BS, DV, HAS_OBIAS, o_layout)
+
+
+@gluon.jit
+def _grouped_consumer_0(smem, bars, scal, BS: gl.constexpr, D: gl.constexpr, DV: gl.constexpr,
+                        STAGES: gl.constexpr, HAS_OBIAS: gl.constexpr):
+    _grouped_consumer(smem, bars, scal, 0, BS, D, DV, STAGES, HAS_OBIAS)
+
+
+@gluon.jit
+def _grouped_consumer_1(smem, bars, scal, BS: gl.constexpr, D: gl.constexpr, DV: gl.constexpr,
+                        STAGES: gl.constexpr, HAS_OBIAS: gl.constexpr):
+    _grouped_consumer(smem, bars, scal, 1, BS, D, DV, STAGES, HAS_OBIAS)
+
+
+@gluon.jit
+def _bsa_fwd_hopper_grouped_kernel(
+    q_desc, k_desc, v_desc, O, LSE, KVI, KVC, OBIAS,
+    sob, soh, son, slb, slh, s_ib, s_ih, s_im, s_cb, s_ch,
+    H, N, plane_b, plane_h, col_h, col_hv, qk_scale,
+    BS: gl.constexpr, D: gl.constexpr, DV: gl.constexpr, STAGES: gl.constexpr, HAS_OBIAS: gl.constexpr,
+    CONSUMER_REGS: gl.constexpr,
+):
+    """One program per (pair of query blocks, batch x head); ``s_im`` steps over pairs."""
+    dtype: gl.constexpr = q_desc.dtype
+    q_smem = gl.allocate_shared_memory(dtype, [2, 1, BS, D], q_desc.layout)
+    k_ring = gl.allocate_shared_memory(dtype, [STAGES, 1, BS, D], k_desc.layout)
+    v_ring = gl.allocate_shared_memory(dtype, [STAGES, 1, BS, DV], v_desc.layout)
+    q_bar = gl.allocate_shared_memory(gl.int64, [2, 1], mbarrier.MBarrierLayout())
+    k_full = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
+    v_full = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
+    k_empty = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
+    v_empty = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
+    for i in gl.static_range(2):
+        mbarrier.init(q_bar.index(i), count=1)
+    for i in gl.static_range(STAGES):
+        mbarrier.init(k_full.index(i), count=1)
+        mbarrier.init(v_full.index(i), count=1)
+        mbarrier.init(k_empty.index(i), count=2)  # both consumers release a slot
+        mbarrier.init(v_empty.index(i), count=2)
+    fence_async_shared()
+    smem = (q_desc, k_desc, v_desc, q_smem, k_ring, v_ring)
+    bars = (q_bar, k_full, v_full, k_empty, v_empty)
+    scal = (O, LSE, KVI, KVC, OBIAS, sob, soh, son, slb, slh, s_ib, s_ih, s_im, s_cb, s_ch, H, N, plane_b, plane_h,
+            col_h, col_hv, qk_scale)
+    gl.warp_specialize([
+        (_grouped_consumer_0, (smem, bars, scal, BS, D, DV, STAGES, HAS_OBIAS)),
+        (_grouped_consumer_1, (smem, bars, scal, BS, D, DV, STAGES, HAS_OBIAS)),
+        (_grouped_producer, (smem, bars, scal, BS, D, DV, STAGES, HAS_OBIAS)),
+    ], [4, 1], [CONSUMER_REGS, 24])
 
 
 def planes_3d(t: torch.Tensor):
@@ -219,10 +380,11 @@ def unsupported_reason(q, k, v, block_size: int) -> str | None:
 
 
 def block_sparse_attention_gluon(q, k, v, kv_indices, kv_counts, block_size: int, scale: float, out: torch.Tensor,
-                                 lse: torch.Tensor, out_bias: torch.Tensor | None = None) -> None:
+                                 lse: torch.Tensor, out_bias: torch.Tensor | None = None, query_group: int = 1) -> None:
     """Fill ``out`` ([B, H, N, DV], last dimension contiguous) and ``lse`` ([B, H, N] fp32) from a
     selection's indices and counts (last dimension contiguous). Inputs must pass
-    ``unsupported_reason``."""
+    ``unsupported_reason``. ``query_group`` 2: query blocks 2m and 2m + 1 hold the same list, so
+    one program serves both and reads only the even blocks' lists."""
     b, h, n, d = q.shape
     dv = v.shape[-1]
     (q3, plane_b, plane_h, col_h), (k3, *_), (v3, _, _, col_hv) = (planes_3d(t) for t in (q, k, v))
@@ -230,12 +392,18 @@ def block_sparse_attention_gluon(q, k, v, kv_indices, kv_counts, block_size: int
     q_desc = TensorDescriptor.from_tensor(q3, [1, block_size, d], qk_layout)
     k_desc = TensorDescriptor.from_tensor(k3, [1, block_size, d], qk_layout)
     v_desc = TensorDescriptor.from_tensor(v3, [1, block_size, dv], _smem_layout(block_size, dv, q.dtype))
+    args = (q_desc, k_desc, v_desc, out, lse, kv_indices, kv_counts, out_bias if out_bias is not None else lse,
+            out.stride(0), out.stride(1), out.stride(2), lse.stride(0), lse.stride(1),
+            kv_indices.stride(0), kv_indices.stride(1), kv_indices.stride(2) * query_group,
+            kv_counts.stride(0), kv_counts.stride(1), h, n, plane_b, plane_h, col_h, col_hv, float(scale) * LOG2E)
+    if query_group == 2:
+        _bsa_fwd_hopper_grouped_kernel[(-(-kv_indices.shape[2] // 2), b * h)](
+            *args, BS=block_size, D=d, DV=dv, STAGES=GROUPED_STAGES, HAS_OBIAS=out_bias is not None,
+            CONSUMER_REGS=CONSUMER_REGS, num_warps=4, maxnreg=GROUPED_MAXNREG,
+        )
+        return
     _bsa_fwd_hopper_kernel[(kv_indices.shape[2], b * h)](
-        q_desc, k_desc, v_desc, out, lse, kv_indices, kv_counts, out_bias if out_bias is not None else lse,
-        out.stride(0), out.stride(1), out.stride(2), lse.stride(0), lse.stride(1),
-        kv_indices.stride(0), kv_indices.stride(1), kv_indices.stride(2), kv_counts.stride(0), kv_counts.stride(1),
-        h, n, plane_b, plane_h, col_h, col_hv, float(scale) * LOG2E,
-        BS=block_size, D=d, DV=dv, STAGES=STAGES, HAS_OBIAS=out_bias is not None, num_warps=4,
+        *args, BS=block_size, D=d, DV=dv, STAGES=STAGES, HAS_OBIAS=out_bias is not None, num_warps=4,
     )
 
 

@@ -260,7 +260,8 @@ def _launch(q, k, v, selection: BlockSelection, scale, order, out_bias=None):
             t.fill_(float("nan"))
     if sparse_forward_kernel(q, k, v, selection) == "gluon":  # never with a token order
         try:
-            _gluon_module().block_sparse_attention_gluon(q, k, v, kvi, kvc, bs, scale, out, lse, out_bias)
+            _gluon_module().block_sparse_attention_gluon(q, k, v, kvi, kvc, bs, scale, out, lse, out_bias,
+                                                         selection.query_group)
             return out, lse
         except (CompilationError, TypeError, AttributeError) as exc:  # API drift: fails before launch
             _gluon_compile_failed(exc)
