@@ -61,23 +61,31 @@ def _pool_kernel(
 
 @triton.jit
 def _score_keys(
-    QP, KPT, bh, rows, row_ok, c0, NB, NQ,
-    BQ: tl.constexpr, S: tl.constexpr, D: tl.constexpr, DC: tl.constexpr, G: tl.constexpr,
+    QP, KPT, bh, rows, row_ok, c0, NB, SEQ,
+    BQ: tl.constexpr, S: tl.constexpr, D: tl.constexpr, DC: tl.constexpr, G: tl.constexpr, BSZ: tl.constexpr,
 ):
     """uint32 keys [BQ, S] for key blocks c0 .. c0 + S - 1, ordered like the fp32 scores.
 
-    The diagonal (the G key blocks a query row overlaps) gets the largest key (always kept),
-    columns past NB get 0 and real columns at least 1, so padding never reaches the threshold."""
+    Row r is query blocks G r .. G r + G - 1 (G = 2: their token-weighted mean pooled q). The
+    diagonal (the G key blocks row r overlaps) gets the largest key (always kept), columns past
+    NB get 0 and real columns at least 1, so padding never reaches the threshold."""
     cols = c0 + tl.arange(0, S)
     col_ok = cols < NB
     dk = tl.arange(0, DC)
-    qp = QP + (bh * NQ + rows[:, None]) * D + dk[None, :]
+    qp = QP + (bh * NB + G * rows[:, None]) * D + dk[None, :]
     kpt = KPT + bh * D * NB + dk[:, None] * NB + cols[None, :]
+    if G == 2:  # tokens in the two blocks (the second may be partial or past the end)
+        w0 = tl.minimum(SEQ - 2 * rows * BSZ, BSZ).to(tl.float32)
+        w1 = tl.minimum(tl.maximum(SEQ - (2 * rows + 1) * BSZ, 0), BSZ).to(tl.float32)
+        second_ok = row_ok & (2 * rows + 1 < NB)
     acc = tl.zeros([BQ, S], dtype=tl.float32)
     for d0 in range(0, D, DC):
         # fp32 FMA dot (no TF32): register-blocked outer products over DC-deep chunks staged in
         # shared memory; a plain loop over d spent most of its issue slots loading q̄.
         qc = tl.load(qp + d0, mask=row_ok[:, None], other=0.0)
+        if G == 2:
+            q1 = tl.load(qp + D + d0, mask=second_ok[:, None], other=0.0)
+            qc = (qc * w0[:, None] + q1 * w1[:, None]) / (w0 + w1)[:, None]
         kc = tl.load(kpt + d0 * NB, mask=col_ok[None, :], other=0.0)
         acc = tl.dot(qc, kc, acc, input_precision="ieee")
     bits = acc.to(tl.uint32, bitcast=True)
@@ -114,17 +122,18 @@ def _store_selected(IDX, out_row, key, cols, t, lim, row_ok, first):
 @triton.jit
 def _topk_kernel(
     QP, KPT, IDX, CNT,
-    NB, NQ, TOPK,
+    NB, NQ, SEQ, TOPK,
     BQ: tl.constexpr, S1: tl.constexpr, S2: tl.constexpr, CB: tl.constexpr,
-    D: tl.constexpr, DC: tl.constexpr, G: tl.constexpr,
+    D: tl.constexpr, DC: tl.constexpr, G: tl.constexpr, BSZ: tl.constexpr,
 ):
+    # NQ rows of G query blocks each; a row's list is written for each of its blocks.
     # A row is two power-of-two column segments, S1 + S2 (see _topk_segments).
     tile = tl.program_id(0)
     bh = tl.program_id(1)
     rows = tile * BQ + tl.arange(0, BQ)
     row_ok = rows < NQ
-    key1, cols1 = _score_keys(QP, KPT, bh, rows, row_ok, 0, NB, NQ, BQ, S1, D, DC, G)
-    key2, cols2 = _score_keys(QP, KPT, bh, rows, row_ok, S1, NB, NQ, BQ, S2, D, DC, G)
+    key1, cols1 = _score_keys(QP, KPT, bh, rows, row_ok, 0, NB, SEQ, BQ, S1, D, DC, G, BSZ)
+    key2, cols2 = _score_keys(QP, KPT, bh, rows, row_ok, S1, NB, SEQ, BQ, S2, D, DC, G, BSZ)
 
     # Radix select: t = the largest value with count(key >= t) >= TOPK, built from the top bit
     # down. A row is done once exactly TOPK keys are >= t (its top-k set is then fixed), so the
@@ -156,10 +165,13 @@ def _topk_kernel(
             n = _count_tied_below(key1, cols1, t, bound) + _count_tied_below(key2, cols2, t, bound)
             lim = tl.where(n <= need, bound, lim)
 
-    out_row = (bh * NQ + rows) * TOPK
-    n1 = _store_selected(IDX, out_row, key1, cols1, t, lim, row_ok, tl.zeros([BQ], dtype=tl.int32))
-    _store_selected(IDX, out_row, key2, cols2, t, lim, row_ok, n1)
-    tl.store(CNT + bh * NQ + rows, tl.zeros([BQ], dtype=tl.int32) + TOPK, mask=row_ok)
+    for i in tl.static_range(G):
+        block = G * rows + i
+        block_ok = row_ok & (block < NB)
+        out_row = (bh * NB + block) * TOPK
+        n1 = _store_selected(IDX, out_row, key1, cols1, t, lim, block_ok, tl.zeros([BQ], dtype=tl.int32))
+        _store_selected(IDX, out_row, key2, cols2, t, lim, block_ok, n1)
+        tl.store(CNT + bh * NB + block, tl.zeros([BQ], dtype=tl.int32) + TOPK, mask=block_ok)
 
 
 def mean_pool_blocks_triton(q: torch.Tensor, k: torch.Tensor, block_size: int):
@@ -215,13 +227,11 @@ def select_topk_pooled_triton(
     transposed [B, H, D, nb], e.g. from the linear-state kernel)."""
     b, h, nb, d = qp.shape
     k_eff = topk_keep_count(topk, nb, query_group)
-    # The scores are fp32 FMA; groups of query blocks score with their token-weighted mean.
-    qp = pool_query_groups(qp.to(torch.float32), seq_len, block_size, query_group).contiguous()
-    kpt = kpt.to(torch.float32).contiguous()
-    nq = qp.shape[2]
+    qp, kpt = (t.to(torch.float32).contiguous() for t in (qp, kpt))  # the scores are fp32 FMA
+    nq = -(-nb // query_group)
     if TOPK_IMPL == "torch" or nb > TOPK_TRITON_MAX_BLOCKS:
         # Block-level scores [nq, nb] (never token-level) through cuBLAS fp32, torch.topk, sort.
-        scores = qp @ kpt
+        scores = pool_query_groups(qp, seq_len, block_size, query_group) @ kpt
         diag = torch.arange(nb, device=qp.device) // query_group == torch.arange(nq, device=qp.device)[:, None]
         scores.masked_fill_(diag, float("inf"))
         top = scores.topk(k_eff, dim=-1, sorted=False).indices.sort(dim=-1).values
@@ -236,18 +246,17 @@ def select_topk_pooled_triton(
         )
     s1, s2 = _topk_segments(nb)
     bq, num_warps, num_stages = _topk_launch(s1, s2)
-    idx = torch.empty(b, h, nq, k_eff, device=qp.device, dtype=torch.int32)
-    cnt = torch.empty(b, h, nq, device=qp.device, dtype=torch.int32)
+    idx = torch.empty(b, h, nb, k_eff, device=qp.device, dtype=torch.int32)
+    cnt = torch.empty(b, h, nb, device=qp.device, dtype=torch.int32)
     if POISON_OUTPUTS:
         idx.fill_(-1)
         cnt.fill_(-1)
     _topk_kernel[(triton.cdiv(nq, bq), b * h)](
-        qp, kpt, idx, cnt, nb, nq, k_eff,
-        BQ=bq, S1=s1, S2=s2, CB=(s1 + s2).bit_length(), D=d, DC=16, G=query_group,
+        qp, kpt, idx, cnt, nb, nq, seq_len, k_eff,
+        BQ=bq, S1=s1, S2=s2, CB=(s1 + s2).bit_length(), D=d, DC=16, G=query_group, BSZ=block_size,
         num_warps=num_warps, num_stages=num_stages,
     )
-    return BlockSelection(*repeat_query_groups(idx, cnt, query_group, nb), block_size, seq_len,
-                          query_group=query_group)
+    return BlockSelection(idx, cnt, block_size, seq_len, query_group=query_group)
 
 
 @triton.jit
