@@ -15,6 +15,8 @@ from salad_core.config import default_head_windows, uniform_window_blocks
         {"sparsity": -0.1},
         {"topk": -1},
         {"block_size": 48},
+        {"query_group": 3},
+        {"query_group": 0},
         {"linear_scale": -1.0},
         {"linear_scale": float("nan")},
         {"gate_drop_percentile": 101},
