@@ -204,18 +204,26 @@ CONSUMER_REGS = 240
 
 
 @gluon.jit
-def _grouped_producer(smem, bars, scal, BS: gl.constexpr, D: gl.constexpr, DV: gl.constexpr,
-                      STAGES: gl.constexpr, HAS_OBIAS: gl.constexpr):
-    q_desc, k_desc, v_desc, q_smem, k_ring, v_ring = smem
-    q_bar, k_full, v_full, k_empty, v_empty = bars
+def _pair_program(scal):
+    """This program's pair, batch, head, key-list pointer and list length."""
     O, LSE, KVI, KVC, OBIAS, sob, soh, son, slb, slh, s_ib, s_ih, s_im, s_cb, s_ch, H, N, plane_b, plane_h, col_h, col_hv, qk_scale = scal
     pid_g = gl.program_id(0)
     bh = gl.program_id(1)
     b = bh // H
     h = bh % H
-    plane = b * plane_b + h * plane_h
     kvi = KVI + b * s_ib + h * s_ih + pid_g * s_im
     count = gl.load(KVC + b * s_cb + h * s_ch + 2 * pid_g)  # counts: last dimension contiguous, per block
+    return pid_g, b, h, kvi, count
+
+
+@gluon.jit
+def _grouped_producer(smem, bars, scal, BS: gl.constexpr, D: gl.constexpr, DV: gl.constexpr,
+                      STAGES: gl.constexpr, HAS_OBIAS: gl.constexpr):
+    q_desc, k_desc, v_desc, q_smem, k_ring, v_ring = smem
+    q_bar, k_full, v_full, k_empty, v_empty = bars
+    O, LSE, KVI, KVC, OBIAS, sob, soh, son, slb, slh, s_ib, s_ih, s_im, s_cb, s_ch, H, N, plane_b, plane_h, col_h, col_hv, qk_scale = scal
+    pid_g, b, h, kvi, count = _pair_program(scal)
+    plane = b * plane_b + h * plane_h
     if count > 0:
         for w in gl.static_range(2):  # a second block past N comes back as zeros (its rows are not stored)
             mbarrier.expect(q_bar.index(w), q_desc.block_type.nbytes)
@@ -239,10 +247,7 @@ def _grouped_consumer(smem, bars, scal, WG: gl.constexpr, BS: gl.constexpr, D: g
     q_desc, k_desc, v_desc, q_smem, k_ring, v_ring = smem
     q_bar, k_full, v_full, k_empty, v_empty = bars
     O, LSE, KVI, KVC, OBIAS, sob, soh, son, slb, slh, s_ib, s_ih, s_im, s_cb, s_ch, H, N, plane_b, plane_h, col_h, col_hv, qk_scale = scal
-    pid_g = gl.program_id(0)
-    bh = gl.program_id(1)
-    b = bh // H
-    h = bh % H
+    pid_g, b, h, kvi, count = _pair_program(scal)
     dtype: gl.constexpr = q_desc.dtype
     s_layout: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[4, 1], instr_shape=[16, BS, 16])
     o_layout: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[4, 1], instr_shape=[16, DV, 16])
@@ -250,8 +255,6 @@ def _grouped_consumer(smem, bars, scal, WG: gl.constexpr, BS: gl.constexpr, D: g
     p_layout: gl.constexpr = gl.DotOperandLayout(operand_index=0, parent=o_layout, k_width=2)
     row_s: gl.constexpr = gl.SliceLayout(1, s_layout)
     row_o: gl.constexpr = gl.SliceLayout(1, o_layout)
-    kvi = KVI + b * s_ib + h * s_ih + pid_g * s_im
-    count = gl.load(KVC + b * s_cb + h * s_ch + 2 * pid_g)  # counts: last dimension contiguous, per block
     m_i = gl.full([BS], float("-inf"), gl.float32, layout=row_s)
     l_i = gl.zeros([BS], gl.float32, layout=row_s)
     acc = gl.zeros([BS, DV], gl.float32, layout=o_layout)
