@@ -232,7 +232,7 @@ def op_grads(q, k, v, selection, scale, grad_out, grad_lse):
     q, k, v = (t.detach().requires_grad_(True) for t in (q, k, v))
     out, lse = torch.ops.salad.block_sparse_attention(
         q, k, v, selection.kv_indices, selection.kv_counts, selection.token_order,
-        selection.block_size, scale, "triton")
+        selection.block_size, selection.query_group, scale, "triton")
     return torch.autograd.grad((out, lse), (q, k, v), (grad_out, grad_lse))
 
 
