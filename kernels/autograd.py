@@ -279,7 +279,7 @@ def _sel_setup(ctx, inputs, output):
 
 
 def _sel_backward(ctx, grad_idx, grad_counts):
-    return None, None, None, None, None
+    return (None,) * 6  # q, k, block_size, topk, query_group, backend: int ids carry no gradient
 
 
 def register() -> None:

@@ -74,7 +74,8 @@ def select_topk_pooled(
     query_group: int = 1,
 ) -> BlockSelection:
     """``select_topk_blocks`` from mean-pooled blocks (q_pool fp32 [B, H, nb, D], k_pool_t fp32
-    [B, H, D, nb]), e.g. those ``linear_state_pooled`` makes in the linear branch's pass."""
+    [B, H, D, nb]), e.g. those ``linear_state_pooled`` makes in the linear branch's pass.
+    ``query_group`` as in ``select_topk_blocks`` (the pooled q stays per block_size block)."""
     nb = num_blocks(seq_len, block_size)
     if q_pool.shape[2] != nb or k_pool_t.shape[-1] != nb or q_pool.shape[-1] != k_pool_t.shape[-2]:
         raise ValueError(

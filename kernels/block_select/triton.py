@@ -5,11 +5,12 @@ Top-K runs in two launches (the first is skipped when the linear-state pass pool
 ``select_topk_pooled_triton``, fed by ``linear_attn.triton.linear_state_pooled_triton``):
 1. ``_pool_kernel``: mean-pools q and k blocks into fp32 [B, H, nb, D] (q) and [B, H, D, nb]
    (k, transposed so the scoring kernel reads it coalesced).
-2. ``_topk_kernel``: per (batch, head, tile of BQ query blocks) scores the whole key-block row in
+2. ``_topk_kernel``: per (batch, head, tile of BQ rows: a row is one query block, or two with
+   ``query_group`` 2, scored by their token-weighted mean) scores the whole key-block row in
    registers (fp32 FMA over d), maps each score to a uint32 key with the same order, finds the
    k-th largest key by a radix select from the most significant bit (stops once exactly k keys
    clear the threshold), breaks ties at the threshold by lowest block id, and writes the chosen
-   ids ascending.
+   ids ascending (for each query block of the row).
 The only intermediate is block-level (nb x D); the nb x nb score matrix never leaves registers.
 """
 
