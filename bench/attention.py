@@ -166,7 +166,7 @@ def run_shape(name, args, ctx):
         topk = topk_for(nb, sparsity)
         window = window_for(nb, sparsity)
         sel_topk = kernels.select_topk_blocks(q, k, BLOCK, topk, backend="triton")
-        # The default: one key list per 128-token query block (SaladConfig.query_group 2).
+        # Opt-in: one key list per 128-token query block (SaladConfig.query_group 2).
         sel_topk128 = kernels.select_topk_blocks(q, k, BLOCK, topk, backend="triton", query_group=2)
         sel_sw = kernels.sliding_window_blocks(b, grid, BLOCK, torch.tensor([window] * h), temporal, dev, backend="triton")
         for mode, sel in (("topk", sel_topk), ("topk_q128", sel_topk128), ("stswa", sel_sw)):
