@@ -28,7 +28,7 @@ I2V_POSITIVE = "The subject slowly turns towards the camera and smiles, gentle w
 
 SALAD_DEFAULTS = [("sparse_mode", "topk"), ("sparsity", 0.90), ("topk", 0), ("gate_drop_percentile", 0.0),
                   ("linear_scale", 1.0), ("dense_steps", 0), ("backend", "auto"),
-                  ("gate_drop_plan", "top")]
+                  ("gate_drop_plan", "top"), ("topk_query_block", "128")]
 
 NOTE = """## SALAD for Wan2.1 — {title}
 
@@ -45,6 +45,7 @@ skipped) plus a gated linear-attention branch. Bypass it (Ctrl+B) to sample dens
 | dense_steps | first steps kept dense |
 | backend | auto / triton / flex / torch |
 | gate_drop_plan | which layers gate_drop_percentile drops: top (paper's best) / bottom / random |
+| topk_query_block | topk: tokens per query block choosing key blocks, 128 (faster on Hopper) or 64 |
 
 **SALAD Weights Loader**: `none (training-free)` or a trained file from `models/salad/`.
 **SALAD Stats** reports the measured sparsity.

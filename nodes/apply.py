@@ -48,6 +48,12 @@ TOOLTIPS = {
         "Which layers gate_drop_percentile drops: top = largest calibrated gates (the paper's best, Table 8), "
         "bottom = smallest, random = a seeded random choice of the same count (for comparison)."
     ),
+    "topk_query_block": (
+        "topk mode: tokens per query block that chooses key blocks (key blocks stay 64 tokens). "
+        "128 = one key list per two 64-token query blocks: faster on Hopper GPUs (the kernel loads each "
+        "key/value tile once for both); 64 = finer choice per query block. Use what the weights were "
+        "trained with (the log warns on a mismatch). st_swa ignores it."
+    ),
     "backend": (
         "Kernel backend. auto picks triton -> flex -> torch by device; a forced backend that cannot run "
         "here falls back with a warning in the log."
@@ -68,9 +74,15 @@ class SaladNodeInfo:
     gate_drop_percentile: float
 
 
+QUERY_BLOCKS = ("128", "64")  # topk_query_block options, tokens (key blocks: SaladConfig.block_size = 64)
+
+
 def build_config(sparse_mode="topk", sparsity=0.9, topk=0, gate_drop_percentile=0.0, linear_scale=1.0,
-                 dense_steps=0, backend="auto", gate_drop_plan="top") -> SaladConfig:
+                 dense_steps=0, backend="auto", gate_drop_plan="top", topk_query_block="128") -> SaladConfig:
     """SaladConfig from widget values (ValueError naming the widget on a bad value)."""
+    if str(topk_query_block) not in QUERY_BLOCKS:
+        raise ValueError(f"Expected topk_query_block in {QUERY_BLOCKS} (tokens), got {topk_query_block!r}. Try '128'.")
+    block_size = SaladConfig.block_size
     return SaladConfig(
         sparse_mode=str(sparse_mode),
         sparsity=float(sparsity),
@@ -80,6 +92,8 @@ def build_config(sparse_mode="topk", sparsity=0.9, topk=0, gate_drop_percentile=
         dense_steps=int(dense_steps),
         backend=str(backend),
         gate_drop_plan=str(gate_drop_plan),
+        block_size=block_size,
+        query_group=int(topk_query_block) // block_size,
     )
 
 
@@ -136,6 +150,9 @@ class SaladApply(io.ComfyNode):
                 io.Combo.Input("backend", options=list(BACKENDS), default="auto", tooltip=t["backend"]),
                 io.Combo.Input("gate_drop_plan", options=list(DROP_PLANS), default="top", optional=True,
                                tooltip=t["gate_drop_plan"]),
+                # Optional and last, like gate_drop_plan: workflows saved without it load with the default.
+                io.Combo.Input("topk_query_block", options=list(QUERY_BLOCKS), default="128", optional=True,
+                               tooltip=t["topk_query_block"]),
             ],
             outputs=[io.Model.Output(tooltip="The SALAD-patched model (a clone; the input is unchanged).")],
         )
@@ -153,7 +170,7 @@ class SaladApply(io.ComfyNode):
     @classmethod
     def execute(cls, model, sparse_mode: str, sparsity: float, topk: int, gate_drop_percentile: float,
                 linear_scale: float, dense_steps: int, backend: str, salad_weights=None,
-                gate_drop_plan: str = "top") -> io.NodeOutput:
+                gate_drop_plan: str = "top", topk_query_block: str = "128") -> io.NodeOutput:
         # Everything is validated here, before any sampler runs: errors name the file/mismatch/fix.
         try:
             if salad_weights is not None and not isinstance(salad_weights, SaladWeights):
@@ -162,7 +179,7 @@ class SaladApply(io.ComfyNode):
                     f"{type(salad_weights).__name__}. Try connecting a SALAD Weights Loader, or leave it unconnected."
                 )
             config = build_config(sparse_mode, sparsity, topk, gate_drop_percentile, linear_scale, dense_steps, backend,
-                                  gate_drop_plan)
+                                  gate_drop_plan, topk_query_block)
             check_model(model)
             patched = apply_salad(model, config, salad_weights)
             patched.set_attachments(NODE_INFO_KEY, node_info(model, config, salad_weights, patched))

@@ -56,8 +56,9 @@ class SaladConfig:
     topk: key blocks per query block in topk mode; 0 derives it from ``sparsity``.
     block_size: tokens per query/key block.
     query_group: query blocks per Top-K key list, 1 or 2 (query blocks of block_size or twice
-        that many tokens; default 1, opt-in 2). 2 lets the Hopper kernel load each K/V tile once for both blocks
-        (H100 sparse branch, 1.3B: 1.31 vs 1.52 ms on the same lists); ST-SWA ignores it.
+        that many tokens; the node's ``topk_query_block`` widget). 2 (default) lets the Hopper
+        kernel load each K/V tile once for both blocks (H100 sparse branch, 1.3B: 1.16 vs 1.39
+        ms, attention-h100-s9.md); ST-SWA ignores it.
     windows: per layer, per head ST-SWA windows (from calibration); None derives uniform
         windows from ``sparsity`` with heads alternating spatial / temporal.
     linear_scale: static lambda on the gated linear branch (paper eq. 4).
@@ -71,7 +72,7 @@ class SaladConfig:
     sparsity: float = 0.9
     topk: int = 0
     block_size: int = 64
-    query_group: int = 1
+    query_group: int = 2
     windows: tuple[tuple[HeadWindow, ...], ...] | None = None
     linear_scale: float = 1.0
     gate_drop_percentile: float = 0.0

@@ -107,9 +107,12 @@ def apply_salad(model_patcher, config: SaladConfig, weights: SaladWeights | None
     for kind in (ext.CallbacksMP.ON_LOAD, ext.CallbacksMP.ON_DETACH):
         clone.add_callback_with_key(kind, WRAPPER_KEY, unpin_branches)
     clone.set_attachments(ATTACHMENT_KEY, runtime)
+    mode = config.sparse_mode
+    if mode == "topk":
+        mode += f" ({config.query_group * config.block_size}-token query blocks)"
     log.info(
         "SALAD: %s, %s mode, sparsity %.2f, linear branch in %d/%d layers (%d dropped), backend %s",
-        source, config.sparse_mode, config.sparsity, len(active), info.num_layers, len(drop), config.backend,
+        source, mode, config.sparsity, len(active), info.num_layers, len(drop), config.backend,
     )
     return clone
 
@@ -127,8 +130,13 @@ def branch_dtype(weight_dtype: torch.dtype, compute_dtype: torch.dtype | None) -
 def _config_for_file(config: SaladConfig, weights: SaladWeights) -> SaladConfig:
     """What a weights file decides over the widgets, each said in the log: calibrated ST-SWA
     windows (and the block size they were calibrated with) replace ``sparsity`` in st_swa mode;
-    in topk mode they are unused."""
+    in topk mode they are unused. A block size or Top-K query block other than the file's
+    training used is kept (the widgets win) with a warning."""
     meta = weights.meta
+    if config.sparse_mode == "topk" and meta.query_group not in (None, config.query_group):
+        log.warning("SALAD: %s was trained with %d-token Top-K query blocks; running with %d (set "
+                    "topk_query_block to %d to match).", weights.source, meta.query_group * meta.block_size,
+                    config.query_group * config.block_size, meta.query_group * meta.block_size)
     if meta.windows is None:
         if meta.block_size != config.block_size:
             log.warning("SALAD: %s was made with %d-token blocks; running with %d-token blocks.",

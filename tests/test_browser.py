@@ -31,7 +31,8 @@ ARTIFACTS = wt.REPO / "test-artifacts"
 SCREENSHOT = ARTIFACTS / "browser-salad-workflow.png"
 TEMPLATES_SHOT = ARTIFACTS / "browser-salad-templates.png"
 WORKFLOW = wt.WORKFLOWS_DIR / "salad_wan2.1_t2v_1.3B_480p.json"
-SALAD_WIDGETS = ["sparse_mode", "sparsity", "topk", "gate_drop_percentile", "linear_scale", "dense_steps", "backend", "gate_drop_plan"]
+SALAD_WIDGETS = ["sparse_mode", "sparsity", "topk", "gate_drop_percentile", "linear_scale", "dense_steps", "backend", "gate_drop_plan",
+                 "topk_query_block"]
 
 
 def _comfy_root() -> Path:
@@ -151,7 +152,7 @@ def test_salad_workflow_in_the_frontend(server, page):
     by_type = {n["type"]: n for n in info}
     apply_w = by_type["SaladApply"]["widgets"]
     assert [w[0] for w in apply_w] == SALAD_WIDGETS
-    assert [w[1] for w in apply_w] == ["topk", pytest.approx(0.9), 0, 0, 1, 0, "auto", "top"]
+    assert [w[1] for w in apply_w] == ["topk", pytest.approx(0.9), 0, 0, 1, 0, "auto", "top", "128"]
     assert by_type["SaladWeightsLoader"]["widgets"][0] == ["weights_name", "none (training-free)"]
     assert "SaladStats" in by_type
 

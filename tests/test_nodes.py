@@ -109,8 +109,10 @@ def runner(graph_nodes):
 
 def base_prompt(tiny_name, *, salad=True, weights=None, stats=True, steps=2, cfg=1.5, **apply_widgets):
     """UNETLoader(tiny) -> ModelSamplingSD3 -> SaladApply -> KSampler -> SaladStats."""
+    # 64-token query blocks: the tiny latent has 3 blocks, where 128-token ones (the default) keep
+    # both diagonal blocks of a pair, 2 of 3 (test_query_block_widget_reaches_the_selection).
     widgets = {"sparse_mode": "topk", "sparsity": 0.9, "topk": 0, "gate_drop_percentile": 0.0,
-               "linear_scale": 1.0, "dense_steps": 0, "backend": "torch"}
+               "linear_scale": 1.0, "dense_steps": 0, "backend": "torch", "topk_query_block": "64"}
     widgets.update(apply_widgets)
     p = {
         UNET: {"class_type": "UNETLoader", "inputs": {"unet_name": tiny_name, "weight_dtype": "default"}},
@@ -269,6 +271,22 @@ def test_graph_runs_end_to_end(runner, tiny_name):
     upstream, patched = run.output(MS), run.output(APPLY)
     assert patched is not upstream and salad_runtime(upstream) is None and salad_runtime(patched) is not None
     assert not any("self_attn" in k for k in upstream.object_patches) and ROPE_KEY not in upstream.object_patches
+
+
+def test_query_block_widget_reaches_the_selection(runner, tiny_name):
+    # A run's outputs are read from ComfyUI's cache, so each is read before the next run.
+    fine = runner.run(base_prompt(tiny_name, topk_query_block="64"))
+    assert fine.error is None
+    fine_summary, fine_latent = fine.output(STATS, 1), fine.output(KSAMPLER)["samples"].clone()
+    coarse = runner.run(base_prompt(tiny_name, topk_query_block="128"))
+    assert coarse.error is None
+    assert "64-token query blocks; measured sparsity: 0.667" in fine_summary  # 1 key block of 3 per query block
+    # Blocks 0 and 1 share one list holding both diagonals; block 2's list has its own + the best other.
+    assert "128-token query blocks; measured sparsity: 0.333" in coarse.output(STATS, 1)
+    assert rel_err(coarse.output(KSAMPLER)["samples"], fine_latent) > 1e-4
+    bad = copy.deepcopy(base_prompt(tiny_name))
+    bad[APPLY]["inputs"]["topk_query_block"] = "96"
+    assert APPLY in runner.run(bad, expect_valid=False)
 
 
 def test_interactive_requeue_does_not_reload_model(runner, tiny_name):

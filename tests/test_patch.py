@@ -345,3 +345,25 @@ def test_file_metadata_is_strings_and_loadable_by_safetensors(base, tmp_path):
     tensors = load_file(path)
     assert set(tensors) == {branch_key(i, p) for i in range(2) for p in ("proj.weight", "proj.bias", "gate.weight", "gate.bias", "scale")}
     assert float(tensors[branch_key(0, "scale")]) == 1.0 and not tensors[branch_key(0, "proj.weight")].any()
+
+
+def test_query_block_is_recorded_and_a_mismatch_warns(base, tmp_path, caplog):
+    info = wan_info(base.model.diffusion_model)
+    weights = fresh_salad_weights(info).with_meta(query_group=1)
+    path = save_salad_weights(weights, str(tmp_path / "q64.safetensors"))
+    assert load_salad_weights(path).meta.query_group == 1
+    meta = weights.meta.to_metadata()
+    older = {k: v for k, v in meta.items() if k != "salad.query_group"}  # written before the field existed
+    assert load_salad_weights(write_weights(tmp_path / "old.safetensors", weights.tensors, older)).meta.query_group is None
+    bad = write_weights(tmp_path / "bad.safetensors", weights.tensors, {**meta, "salad.query_group": "3"})
+    with pytest.raises(SaladWeightsError, match="salad.query_group.*Try"):
+        load_salad_weights(bad)
+    with caplog.at_level("WARNING", logger="salad"):
+        patched = apply_salad(base, SaladConfig(query_group=2), load_salad_weights(path))
+    assert salad_runtime(patched).config.query_group == 2  # the setting wins, with a warning
+    assert any("64-token Top-K query blocks; running with 128" in r.message for r in caplog.records)
+    caplog.clear()
+    with caplog.at_level("WARNING", logger="salad"):
+        apply_salad(base, SaladConfig(query_group=1), load_salad_weights(path))
+        apply_salad(base, SaladConfig(sparse_mode="st_swa", query_group=2, block_size=BLOCK), load_salad_weights(path))
+    assert not any("query blocks" in r.message for r in caplog.records)

@@ -79,11 +79,11 @@ def test_exported_weights_reproduce_trained_model(load_wan, tiny_wan_path, wan_i
     from salad_core.patch import apply_salad
     from salad_core.weights import load_salad_weights
 
-    t = make_trainer(load_wan(tiny_wan_path), tmp_path, lr=1e-2)
+    t = make_trainer(load_wan(tiny_wan_path), tmp_path, lr=1e-2, query_group=2)  # the default, recorded
     t.run(3)
     path = t.export()
     weights = load_salad_weights(str(path))
-    assert weights.meta.lora_rank == 4 and weights.meta.trained_steps == 3
+    assert weights.meta.lora_rank == 4 and weights.meta.trained_steps == 3 and weights.meta.query_group == 2
     assert not t.model.attn[0].salad.projection_is_zero()
     b = weights.tensors["diffusion_model.blocks.0.self_attn.q.lora_B.weight"]
     assert b.abs().max() > 0

@@ -73,7 +73,7 @@ def test_workflow_contents_match_the_spec():
     assert len(by_type["CLIPTextEncode"]) == 2
     assert by_type["EmptyHunyuanLatentVideo"] == [[832, 480, 81, 1]]
     assert by_type["ModelSamplingSD3"] == [[8.0]]
-    assert by_type["SaladApply"] == [["topk", 0.9, 0, 0.0, 1.0, 0, "auto", "top"]]
+    assert by_type["SaladApply"] == [["topk", 0.9, 0, 0.0, 1.0, 0, "auto", "top", "128"]]
     assert by_type["SaladWeightsLoader"] == [["none (training-free)"]]
     ks = by_type["KSampler"][0]
     assert ks[2:6] == [30, 6.0, "uni_pc", "simple"]

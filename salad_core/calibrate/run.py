@@ -297,7 +297,8 @@ def calibrate_gates(
     m = weights.meta
     if config is None:
         windows = m.windows if m.sparse_mode == "st_swa" else None
-        config = SaladConfig(sparse_mode=m.sparse_mode, topk=m.topk, block_size=m.block_size, windows=windows)
+        config = SaladConfig(sparse_mode=m.sparse_mode, topk=m.topk, block_size=m.block_size, windows=windows,
+                             query_group=m.query_group or SaladConfig.query_group)
     from dataclasses import replace
 
     config = replace(config, gate_drop_percentile=0.0, dense_steps=0)

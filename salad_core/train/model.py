@@ -189,6 +189,7 @@ class SaladTrainModel(nn.Module):
         meta = SaladMeta(
             base_model=base_model or self.info.base_model, dim=self.info.dim, layers=self.info.num_layers,
             heads=self.info.num_heads, sparse_mode=c.sparse_mode, topk=c.topk, block_size=c.block_size,
+            query_group=c.query_group if c.sparse_mode == "topk" else None,
             windows=c.windows, lora_rank=self.lora_rank, trained_steps=int(trained_steps),
         )
         return SaladWeights(meta, tensors)

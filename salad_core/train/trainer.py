@@ -52,6 +52,7 @@ class TrainConfig:
     sparsity: float = 0.9
     topk: int = 0
     block_size: int = 64
+    query_group: int = 2            # Top-K query blocks per key list (SaladConfig.query_group)
     backend: str = "auto"
     frames: int = 77                # prompts-only runs: the video size to distil at
     height: int = 480
@@ -69,7 +70,7 @@ class TrainConfig:
 
     def salad_config(self) -> SaladConfig:
         return SaladConfig(sparse_mode=self.sparse_mode, sparsity=self.sparsity, topk=self.topk,
-                           block_size=self.block_size, backend=self.backend)
+                           block_size=self.block_size, query_group=self.query_group, backend=self.backend)
 
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
