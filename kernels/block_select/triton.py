@@ -199,18 +199,20 @@ def _topk_segments(nb: int) -> tuple[int, int]:
     return s1, max(16, s1 // 4, triton.next_power_of_2(max(nb - s1, 1)))
 
 
-def _topk_launch(s1: int, s2: int) -> tuple[int, int, int]:
-    """(BQ query blocks per program, num_warps, num_stages) for rows of s1 + s2 columns.
+def _topk_launch(s1: int, s2: int, query_group: int = 1) -> tuple[int, int, int]:
+    """(BQ rows per program, num_warps, num_stages) for rows of s1 + s2 columns.
 
     Every program reads all of k̄ᵀ (D x nb fp32) from L2, so BQ is as large as pays. Swept on an
     H100 (bench/results/select-topk-h100-s4-sweep.json, kernel time without pooling): 1.3B
     (256 + 256 columns) BQ 8, 4 warps, 3 stages 0.067 ms (next best 0.084); 14B (1024 + 256)
     BQ 16, 8 warps, 3 stages 1.38 ms, BQ 8 / 16 warps 1.96 ms, BQ 2 / 4 warps 2.58 ms. A k̄ᵀ
-    chunk takes 64 * s1 bytes of shared memory a stage: pipelined up to s1 = 1024 only."""
+    chunk takes 64 * s1 bytes of shared memory a stage: pipelined up to s1 = 1024 only.
+    Rows of two query blocks (``query_group`` 2, half as many rows), 14B: 1 stage 0.815 ms vs 3
+    stages 0.942 ms, ids identical (select-topk-h100-s10-q128-sweep.txt); 1.3B: within noise."""
     width = s1 + s2
     if width <= 512:
         return 8, 4, 3
-    return (16 if width <= 1280 else 8), 8, (3 if s1 <= 1024 else 1)
+    return (16 if width <= 1280 else 8), 8, (3 if s1 <= 1024 and query_group == 1 else 1)
 
 
 def select_topk_blocks_triton(
@@ -246,7 +248,7 @@ def select_topk_pooled_triton(
             "Try select_topk_blocks(..., backend='torch')."
         )
     s1, s2 = _topk_segments(nb)
-    bq, num_warps, num_stages = _topk_launch(s1, s2)
+    bq, num_warps, num_stages = _topk_launch(s1, s2, query_group)
     idx = torch.empty(b, h, nb, k_eff, device=qp.device, dtype=torch.int32)
     cnt = torch.empty(b, h, nb, device=qp.device, dtype=torch.int32)
     if POISON_OUTPUTS:

@@ -72,30 +72,99 @@ def _softmax_step(s, m_i, l_i, kb, N, qk_scale, BS: gl.constexpr, s_layout: gl.c
 
 
 @gluon.jit
-def _bsa_fwd_hopper_kernel(
-    q_desc, k_desc, v_desc, O, LSE, KVI, KVC, OBIAS,
-    sob, soh, son, slb, slh, s_ib, s_ih, s_im, s_cb, s_ch,
-    H, N, plane_b, plane_h, col_h, col_hv, qk_scale,
-    BS: gl.constexpr, D: gl.constexpr, DV: gl.constexpr, STAGES: gl.constexpr, HAS_OBIAS: gl.constexpr,
-):
-    """One program per (query block, batch x head), one warpgroup. The tensors are 3-D views:
-    token n of (b, h) is row n of plane ``b * plane_b + h * plane_h``, columns from ``h * col_h``
-    (``col_hv`` for V)."""
-    pid_m = gl.program_id(0)
+def _program(scal, GROUP: gl.constexpr):
+    """This program's query block (``GROUP`` 1) or pair of blocks (2), batch, head, key-list
+    pointer and list length (counts: last dimension contiguous, one per 64-row block)."""
+    O, LSE, KVI, KVC, OBIAS, sob, soh, son, slb, slh, s_ib, s_ih, s_im, s_cb, s_ch, H, N, plane_b, plane_h, col_h, col_hv, qk_scale = scal
+    pid = gl.program_id(0)
     bh = gl.program_id(1)
     b = bh // H
     h = bh % H
+    kvi = KVI + b * s_ib + h * s_ih + pid * s_im  # the host scales s_im by GROUP
+    count = gl.load(KVC + b * s_cb + h * s_ch + GROUP * pid)
+    return pid, b, h, kvi, count
+
+
+@gluon.jit
+def _recycle(desc, ring, full, empty, slot, i, kvi, count, plane, col, BS: gl.constexpr, PRODUCER: gl.constexpr):
+    """Ring slot ``slot`` is free again (the wgmma that read it retired): release it to the
+    producer warp, or, without one, fill it with key block ``i`` of the list if there is one."""
+    if PRODUCER:
+        mbarrier.arrive(empty.index(slot), count=1)
+    elif i < count:
+        _load_tile(desc, ring, full, slot, plane, gl.load(kvi + i) * BS, col)
+
+
+@gluon.jit
+def _attend_query_block(smem, bars, scal, prog, WG: gl.constexpr, GROUP: gl.constexpr, BS: gl.constexpr,
+                        D: gl.constexpr, DV: gl.constexpr, STAGES: gl.constexpr, HAS_OBIAS: gl.constexpr,
+                        PRODUCER: gl.constexpr):
+    """One warpgroup: query block ``GROUP * pid + WG`` (Q in ``q_smem[WG]``) over its key list in
+    FA3 order, then its rows stored. Key block i is in ring slot i % STAGES; its n-th fill is
+    barrier phase n & 1. Without a producer warp (``PRODUCER`` False) the caller issued Q and
+    the first STAGES tiles, and these warps refill each slot."""
+    q_desc, k_desc, v_desc, q_smem, k_ring, v_ring = smem
+    q_bar, k_full, v_full, k_empty, v_empty = bars
+    O, LSE, KVI, KVC, OBIAS, sob, soh, son, slb, slh, s_ib, s_ih, s_im, s_cb, s_ch, H, N, plane_b, plane_h, col_h, col_hv, qk_scale = scal
+    pid, b, h, kvi, count = prog
     plane = b * plane_b + h * plane_h
     dtype: gl.constexpr = q_desc.dtype
-
     s_layout: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[4, 1], instr_shape=[16, BS, 16])
     o_layout: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[4, 1], instr_shape=[16, DV, 16])
     q_layout: gl.constexpr = gl.DotOperandLayout(operand_index=0, parent=s_layout, k_width=2)
     p_layout: gl.constexpr = gl.DotOperandLayout(operand_index=0, parent=o_layout, k_width=2)
     row_s: gl.constexpr = gl.SliceLayout(1, s_layout)
     row_o: gl.constexpr = gl.SliceLayout(1, o_layout)
+    m_i = gl.full([BS], float("-inf"), gl.float32, layout=row_s)
+    l_i = gl.zeros([BS], gl.float32, layout=row_s)
+    acc = gl.zeros([BS, DV], gl.float32, layout=o_layout)
+    zero_s = gl.zeros([BS, BS], gl.float32, layout=s_layout)
+    if count > 0:
+        mbarrier.wait(q_bar.index(WG), 0)
+        q = q_smem.index(WG).reshape([BS, D]).load(q_layout)
+        mbarrier.wait(k_full.index(0), 0)
+        s = warpgroup_mma(q, _tile(k_ring, 0, BS, D).permute((1, 0)), zero_s, use_acc=False, is_async=True)
+        s = warpgroup_mma_wait(0, deps=(s,))
+        _recycle(k_desc, k_ring, k_full, k_empty, 0, STAGES, kvi, count, plane, h * col_h, BS, PRODUCER)
+        p, alpha, m_i, l_i = _softmax_step(s, m_i, l_i, gl.load(kvi), N, qk_scale, BS, s_layout)
+        p = gl.convert_layout(p.to(dtype), p_layout)
+        for j in range(count - 1):
+            nxt = j + 1
+            slot_n = nxt % STAGES
+            mbarrier.wait(k_full.index(slot_n), (nxt // STAGES) & 1)
+            s_next = warpgroup_mma(q, _tile(k_ring, slot_n, BS, D).permute((1, 0)), zero_s, use_acc=False, is_async=True)
+            acc = acc * gl.expand_dims(gl.convert_layout(alpha, row_o, assert_trivial=True), 1)
+            slot = j % STAGES
+            mbarrier.wait(v_full.index(slot), (j // STAGES) & 1)
+            acc = warpgroup_mma(p, _tile(v_ring, slot, BS, DV), acc, is_async=True)
+            s = warpgroup_mma_wait(1, deps=(s_next,))  # QK^T of block j + 1 done; P V of block j in flight
+            _recycle(k_desc, k_ring, k_full, k_empty, slot_n, nxt + STAGES, kvi, count, plane, h * col_h, BS, PRODUCER)
+            p, alpha, m_i, l_i = _softmax_step(s, m_i, l_i, gl.load(kvi + nxt), N, qk_scale, BS, s_layout)
+            p = gl.convert_layout(p.to(dtype), p_layout)
+            acc = warpgroup_mma_wait(0, deps=(acc,))
+            _recycle(v_desc, v_ring, v_full, v_empty, slot, j + STAGES, kvi, count, plane, h * col_hv, BS, PRODUCER)
+        last = count - 1
+        acc = acc * gl.expand_dims(gl.convert_layout(alpha, row_o, assert_trivial=True), 1)
+        slot = last % STAGES
+        mbarrier.wait(v_full.index(slot), (last // STAGES) & 1)
+        acc = warpgroup_mma(p, _tile(v_ring, slot, BS, DV), acc, is_async=True)
+        acc = warpgroup_mma_wait(0, deps=(acc,))
+    _store_rows(acc, m_i, l_i, O, LSE, OBIAS, sob, soh, son, slb, slh, b, h, H, N, (GROUP * pid + WG) * BS,
+                BS, DV, HAS_OBIAS, o_layout)
 
-    q_smem = gl.allocate_shared_memory(dtype, [1, BS, D], q_desc.layout)
+
+@gluon.jit
+def _bsa_fwd_hopper_kernel(
+    q_desc, k_desc, v_desc, O, LSE, KVI, KVC, OBIAS,
+    sob, soh, son, slb, slh, s_ib, s_ih, s_im, s_cb, s_ch,
+    H, N, plane_b, plane_h, col_h, col_hv, qk_scale,
+    BS: gl.constexpr, D: gl.constexpr, DV: gl.constexpr, STAGES: gl.constexpr, HAS_OBIAS: gl.constexpr,
+):
+    """One program per (query block, batch x head), one warpgroup that also issues the loads.
+    The tensors are 3-D views: token n of (b, h) is row n of plane ``b * plane_b + h * plane_h``,
+    columns from ``h * col_h`` (``col_hv`` for V)."""
+    dtype: gl.constexpr = q_desc.dtype
+    q_smem = gl.allocate_shared_memory(dtype, [1, 1, BS, D], q_desc.layout)
     k_ring = gl.allocate_shared_memory(dtype, [STAGES, 1, BS, D], k_desc.layout)
     v_ring = gl.allocate_shared_memory(dtype, [STAGES, 1, BS, DV], v_desc.layout)
     q_bar = gl.allocate_shared_memory(gl.int64, [1, 1], mbarrier.MBarrierLayout())
@@ -106,65 +175,26 @@ def _bsa_fwd_hopper_kernel(
         mbarrier.init(k_bars.index(i), count=1)
         mbarrier.init(v_bars.index(i), count=1)
     fence_async_shared()
-
-    kvi = KVI + b * s_ib + h * s_ih + pid_m * s_im
-    count = gl.load(KVC + b * s_cb + h * s_ch + pid_m)
+    scal = (O, LSE, KVI, KVC, OBIAS, sob, soh, son, slb, slh, s_ib, s_ih, s_im, s_cb, s_ch, H, N, plane_b, plane_h,
+            col_h, col_hv, qk_scale)
+    prog = _program(scal, 1)
+    pid, b, h, kvi, count = prog
+    plane = b * plane_b + h * plane_h
     if count > 0:  # a copy must not be in flight when the program exits
         mbarrier.expect(q_bar.index(0), q_desc.block_type.nbytes)
-        tma.async_copy_global_to_shared(q_desc, [plane, pid_m * BS, h * col_h], q_bar.index(0), q_smem)
-    # Key block i always lives in ring slot i % STAGES; its n-th fill is barrier phase n & 1.
+        tma.async_copy_global_to_shared(q_desc, [plane, pid * BS, h * col_h], q_bar.index(0), q_smem.index(0))
     for i in gl.static_range(STAGES):
         if i < count:
             kb = gl.load(kvi + i)
             _load_tile(k_desc, k_ring, k_bars, i, plane, kb * BS, h * col_h)
             _load_tile(v_desc, v_ring, v_bars, i, plane, kb * BS, h * col_hv)
-
-    m_i = gl.full([BS], float("-inf"), gl.float32, layout=row_s)
-    l_i = gl.zeros([BS], gl.float32, layout=row_s)
-    acc = gl.zeros([BS, DV], gl.float32, layout=o_layout)
-    zero_s = gl.zeros([BS, BS], gl.float32, layout=s_layout)
-    if count > 0:
-        mbarrier.wait(q_bar.index(0), 0)
-        q = q_smem.reshape([BS, D]).load(q_layout)
-        mbarrier.wait(k_bars.index(0), 0)
-        s = warpgroup_mma(q, _tile(k_ring, 0, BS, D).permute((1, 0)), zero_s, use_acc=False, is_async=True)
-        s = warpgroup_mma_wait(0, deps=(s,))
-        if STAGES < count:
-            kb = gl.load(kvi + STAGES)
-            _load_tile(k_desc, k_ring, k_bars, 0, plane, kb * BS, h * col_h)
-        p, alpha, m_i, l_i = _softmax_step(s, m_i, l_i, gl.load(kvi), N, qk_scale, BS, s_layout)
-        p = gl.convert_layout(p.to(dtype), p_layout)
-        for j in range(count - 1):
-            nxt = j + 1
-            slot_n = nxt % STAGES
-            mbarrier.wait(k_bars.index(slot_n), (nxt // STAGES) & 1)
-            s_next = warpgroup_mma(q, _tile(k_ring, slot_n, BS, D).permute((1, 0)), zero_s, use_acc=False, is_async=True)
-            acc = acc * gl.expand_dims(gl.convert_layout(alpha, row_o, assert_trivial=True), 1)
-            slot = j % STAGES
-            mbarrier.wait(v_bars.index(slot), (j // STAGES) & 1)
-            acc = warpgroup_mma(p, _tile(v_ring, slot, BS, DV), acc, is_async=True)
-            s = warpgroup_mma_wait(1, deps=(s_next,))  # QK^T of block j + 1 done; P V of block j in flight
-            if nxt + STAGES < count:
-                kb = gl.load(kvi + nxt + STAGES)
-                _load_tile(k_desc, k_ring, k_bars, slot_n, plane, kb * BS, h * col_h)
-            p, alpha, m_i, l_i = _softmax_step(s, m_i, l_i, gl.load(kvi + nxt), N, qk_scale, BS, s_layout)
-            p = gl.convert_layout(p.to(dtype), p_layout)
-            acc = warpgroup_mma_wait(0, deps=(acc,))
-            if j + STAGES < count:
-                kb = gl.load(kvi + j + STAGES)
-                _load_tile(v_desc, v_ring, v_bars, slot, plane, kb * BS, h * col_hv)
-        last = count - 1
-        acc = acc * gl.expand_dims(gl.convert_layout(alpha, row_o, assert_trivial=True), 1)
-        slot = last % STAGES
-        mbarrier.wait(v_bars.index(slot), (last // STAGES) & 1)
-        acc = warpgroup_mma(p, _tile(v_ring, slot, BS, DV), acc, is_async=True)
-        acc = warpgroup_mma_wait(0, deps=(acc,))
+    # No producer warp: the "empty" barriers are never used, any barriers will do.
+    _attend_query_block((q_desc, k_desc, v_desc, q_smem, k_ring, v_ring), (q_bar, k_bars, v_bars, k_bars, v_bars),
+                        scal, prog, 0, 1, BS, D, DV, STAGES, HAS_OBIAS, False)
     mbarrier.invalidate(q_bar.index(0))
     for i in gl.static_range(STAGES):
         mbarrier.invalidate(k_bars.index(i))
         mbarrier.invalidate(v_bars.index(i))
-    _store_rows(acc, m_i, l_i, O, LSE, OBIAS, sob, soh, son, slb, slh, b, h, H, N, pid_m * BS, BS, DV, HAS_OBIAS,
-                o_layout)
 
 
 @gluon.jit
@@ -191,10 +221,10 @@ def _store_rows(acc, m_i, l_i, O, LSE, OBIAS, sob, soh, son, slb, slh, b, h, H, 
 
 # -- grouped query blocks: two 64-row query blocks share one key list (Top-K, query_group 2) -----
 # One program per pair; three partitions (warp specialisation): a 1-warp producer streams each
-# K/V tile through a TMA ring once, and two 4-warp consumers (one per query block) each run the
-# loop above on it, releasing a slot through an "empty" barrier that both must arrive on. Each
-# tile is read from L2 once per 128 query rows instead of once per 64, which is what bound the
-# kernel above. H100, Top-K 90 %, against that kernel on the same lists in one run
+# K/V tile through a TMA ring once, and two 4-warp consumers (one per query block) each run
+# _attend_query_block on it, releasing a slot through an "empty" barrier that both must arrive
+# on. Each tile is read from L2 once per 128 query rows instead of once per 64, which is what
+# bound the kernel above. H100, Top-K 90 %, against that kernel on the same lists in one run
 # (attention-h100-s9-ws.json): 1.3B 1.305 vs 1.516 ms, 14B 22.49 vs 27.45 ms. Registers: 12 warps
 # at GROUPED_MAXNREG, then 240 per consumer thread and 24 for the producer's warpgroup. Making the
 # two consumers take turns at the tensor cores (FA3's ping-pong) measured no faster (1.33-1.35 ms).
@@ -204,25 +234,12 @@ CONSUMER_REGS = 240
 
 
 @gluon.jit
-def _pair_program(scal):
-    """This program's pair, batch, head, key-list pointer and list length."""
-    O, LSE, KVI, KVC, OBIAS, sob, soh, son, slb, slh, s_ib, s_ih, s_im, s_cb, s_ch, H, N, plane_b, plane_h, col_h, col_hv, qk_scale = scal
-    pid_g = gl.program_id(0)
-    bh = gl.program_id(1)
-    b = bh // H
-    h = bh % H
-    kvi = KVI + b * s_ib + h * s_ih + pid_g * s_im
-    count = gl.load(KVC + b * s_cb + h * s_ch + 2 * pid_g)  # counts: last dimension contiguous, per block
-    return pid_g, b, h, kvi, count
-
-
-@gluon.jit
 def _grouped_producer(smem, bars, scal, BS: gl.constexpr, D: gl.constexpr, DV: gl.constexpr,
                       STAGES: gl.constexpr, HAS_OBIAS: gl.constexpr):
     q_desc, k_desc, v_desc, q_smem, k_ring, v_ring = smem
     q_bar, k_full, v_full, k_empty, v_empty = bars
     O, LSE, KVI, KVC, OBIAS, sob, soh, son, slb, slh, s_ib, s_ih, s_im, s_cb, s_ch, H, N, plane_b, plane_h, col_h, col_hv, qk_scale = scal
-    pid_g, b, h, kvi, count = _pair_program(scal)
+    pid_g, b, h, kvi, count = _program(scal, 2)
     plane = b * plane_b + h * plane_h
     if count > 0:
         for w in gl.static_range(2):  # a second block past N comes back as zeros (its rows are not stored)
@@ -240,69 +257,15 @@ def _grouped_producer(smem, bars, scal, BS: gl.constexpr, D: gl.constexpr, DV: g
 
 
 @gluon.jit
-def _grouped_consumer(smem, bars, scal, WG: gl.constexpr, BS: gl.constexpr, D: gl.constexpr, DV: gl.constexpr,
-                      STAGES: gl.constexpr, HAS_OBIAS: gl.constexpr):
-    """Query block 2 * pid + WG over the pair's list: the single-block kernel's loop, with ring
-    slots released to the producer instead of refilled."""
-    q_desc, k_desc, v_desc, q_smem, k_ring, v_ring = smem
-    q_bar, k_full, v_full, k_empty, v_empty = bars
-    O, LSE, KVI, KVC, OBIAS, sob, soh, son, slb, slh, s_ib, s_ih, s_im, s_cb, s_ch, H, N, plane_b, plane_h, col_h, col_hv, qk_scale = scal
-    pid_g, b, h, kvi, count = _pair_program(scal)
-    dtype: gl.constexpr = q_desc.dtype
-    s_layout: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[4, 1], instr_shape=[16, BS, 16])
-    o_layout: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[4, 1], instr_shape=[16, DV, 16])
-    q_layout: gl.constexpr = gl.DotOperandLayout(operand_index=0, parent=s_layout, k_width=2)
-    p_layout: gl.constexpr = gl.DotOperandLayout(operand_index=0, parent=o_layout, k_width=2)
-    row_s: gl.constexpr = gl.SliceLayout(1, s_layout)
-    row_o: gl.constexpr = gl.SliceLayout(1, o_layout)
-    m_i = gl.full([BS], float("-inf"), gl.float32, layout=row_s)
-    l_i = gl.zeros([BS], gl.float32, layout=row_s)
-    acc = gl.zeros([BS, DV], gl.float32, layout=o_layout)
-    zero_s = gl.zeros([BS, BS], gl.float32, layout=s_layout)
-    if count > 0:
-        mbarrier.wait(q_bar.index(WG), 0)
-        q = q_smem.index(WG).reshape([BS, D]).load(q_layout)
-        mbarrier.wait(k_full.index(0), 0)
-        s = warpgroup_mma(q, _tile(k_ring, 0, BS, D).permute((1, 0)), zero_s, use_acc=False, is_async=True)
-        s = warpgroup_mma_wait(0, deps=(s,))
-        mbarrier.arrive(k_empty.index(0), count=1)
-        p, alpha, m_i, l_i = _softmax_step(s, m_i, l_i, gl.load(kvi), N, qk_scale, BS, s_layout)
-        p = gl.convert_layout(p.to(dtype), p_layout)
-        for j in range(count - 1):
-            nxt = j + 1
-            slot_n = nxt % STAGES
-            slot = j % STAGES
-            mbarrier.wait(k_full.index(slot_n), (nxt // STAGES) & 1)
-            s_next = warpgroup_mma(q, _tile(k_ring, slot_n, BS, D).permute((1, 0)), zero_s, use_acc=False, is_async=True)
-            acc = acc * gl.expand_dims(gl.convert_layout(alpha, row_o, assert_trivial=True), 1)
-            mbarrier.wait(v_full.index(slot), (j // STAGES) & 1)
-            acc = warpgroup_mma(p, _tile(v_ring, slot, BS, DV), acc, is_async=True)
-            s = warpgroup_mma_wait(1, deps=(s_next,))  # QK^T of block j + 1 done; P V of block j in flight
-            mbarrier.arrive(k_empty.index(slot_n), count=1)
-            p, alpha, m_i, l_i = _softmax_step(s, m_i, l_i, gl.load(kvi + nxt), N, qk_scale, BS, s_layout)
-            p = gl.convert_layout(p.to(dtype), p_layout)
-            acc = warpgroup_mma_wait(0, deps=(acc,))
-            mbarrier.arrive(v_empty.index(slot), count=1)
-        last = count - 1
-        acc = acc * gl.expand_dims(gl.convert_layout(alpha, row_o, assert_trivial=True), 1)
-        slot = last % STAGES
-        mbarrier.wait(v_full.index(slot), (last // STAGES) & 1)
-        acc = warpgroup_mma(p, _tile(v_ring, slot, BS, DV), acc, is_async=True)
-        acc = warpgroup_mma_wait(0, deps=(acc,))
-    _store_rows(acc, m_i, l_i, O, LSE, OBIAS, sob, soh, son, slb, slh, b, h, H, N, (2 * pid_g + WG) * BS,
-                BS, DV, HAS_OBIAS, o_layout)
-
-
-@gluon.jit
 def _grouped_consumer_0(smem, bars, scal, BS: gl.constexpr, D: gl.constexpr, DV: gl.constexpr,
                         STAGES: gl.constexpr, HAS_OBIAS: gl.constexpr):
-    _grouped_consumer(smem, bars, scal, 0, BS, D, DV, STAGES, HAS_OBIAS)
+    _attend_query_block(smem, bars, scal, _program(scal, 2), 0, 2, BS, D, DV, STAGES, HAS_OBIAS, True)
 
 
 @gluon.jit
 def _grouped_consumer_1(smem, bars, scal, BS: gl.constexpr, D: gl.constexpr, DV: gl.constexpr,
                         STAGES: gl.constexpr, HAS_OBIAS: gl.constexpr):
-    _grouped_consumer(smem, bars, scal, 1, BS, D, DV, STAGES, HAS_OBIAS)
+    _attend_query_block(smem, bars, scal, _program(scal, 2), 1, 2, BS, D, DV, STAGES, HAS_OBIAS, True)
 
 
 @gluon.jit
