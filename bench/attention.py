@@ -3,7 +3,9 @@
     python bench/attention.py [--out bench/results] [--shapes wan1.3b_480p81,wan14b_720p81]
                               [--reps 50] [--sweep] [--profile]
 
-Per shape, in one run: dense_cudnn; for mode in (topk, stswa) and sparsity in (90, 95):
+Per shape, in one run: dense_cudnn; for mode in (topk_q128, topk, stswa) (``--modes``; topk_q128
+is Top-K with 128-token query blocks, the pack's default, topk with 64-token ones) and sparsity
+in (90, 95):
 flex_<mode>_<s> (FlexAttention, same block mask, mask prebuilt), salad_sparse_<mode>_<s>
 (Triton sparse branch alone; topk includes no selection), salad_full_<mode>_<s> (selection for
 topk — stswa's is static and cached — + gate + kernels.salad_attention: sparse branch with
@@ -166,7 +168,7 @@ def run_shape(name, args, ctx):
         topk = topk_for(nb, sparsity)
         window = window_for(nb, sparsity)
         sel_topk = kernels.select_topk_blocks(q, k, BLOCK, topk, backend="triton")
-        # Opt-in: one key list per 128-token query block (SaladConfig.query_group 2).
+        # One key list per 128-token query block (SaladConfig.query_group 2, the default); topk: per 64.
         sel_topk128 = kernels.select_topk_blocks(q, k, BLOCK, topk, backend="triton", query_group=2)
         sel_sw = kernels.sliding_window_blocks(b, grid, BLOCK, torch.tensor([window] * h), temporal, dev, backend="triton")
         for mode, sel in (("topk", sel_topk), ("topk_q128", sel_topk128), ("stswa", sel_sw)):
