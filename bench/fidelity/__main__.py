@@ -117,7 +117,8 @@ def cmd_compare(args):
     from .compare import CompareConfig, run_compare
 
     sd = load_file(str(Path(args.run) / "model.safetensors"))
-    cfg = CompareConfig(sparsity=args.sparsity, block_size=args.block_size, steps=args.ft_steps, batch=args.ft_batch,
+    cfg = CompareConfig(sparsity=args.sparsity, block_size=args.block_size, query_group=args.query_group,
+                        steps=args.ft_steps, batch=args.ft_batch,
                         lr=args.ft_lr, lora_rank=args.lora_rank, eval_clips=args.eval_clips, sample_clips=args.sample_clips,
                         sample_steps=args.sample_steps, backend=args.backend, frames=args.frames, height=args.height,
                         width=args.width, modes=tuple(args.modes), variants=tuple(args.variants),
@@ -219,6 +220,8 @@ def main(argv=None):
     ap.add_argument("--steps", type=int, default=None, help="pretraining steps for this call")
     ap.add_argument("--max-steps", type=int, default=100_000)
     ap.add_argument("--block-size", type=int, default=64)
+    ap.add_argument("--query-group", type=int, default=2, choices=(1, 2),
+                    help="Top-K query blocks per key list (2 = 128-token query blocks, the pack's default)")
     ap.add_argument("--structure-clips", type=int, default=2)
     ap.add_argument("--sparsity", type=float, default=0.9)
     ap.add_argument("--ft-steps", type=int, default=300)

@@ -46,6 +46,7 @@ MODES = ("topk", "st_swa")
 class CompareConfig:
     sparsity: float = 0.9
     block_size: int = 64
+    query_group: int = 2  # Top-K query blocks per key list (the pack's default; the README's table used 1)
     modes: tuple = MODES
     variants: tuple = VARIANTS
     steps: int = 300
@@ -150,7 +151,8 @@ def _latent_thw(spec: ClipSpec):
 def variant_model(dm, cfg: CompareConfig, mode: str, variant: str) -> SaladTrainModel:
     # dense_lora: Top-K with every key block kept is exact dense attention (tested in the foundation)
     mode, sparsity = ("topk", 0.0) if variant == "dense_lora" else (mode, cfg.sparsity)
-    sc = SaladConfig(sparse_mode=mode, sparsity=sparsity, block_size=cfg.block_size, backend=cfg.backend)
+    sc = SaladConfig(sparse_mode=mode, sparsity=sparsity, block_size=cfg.block_size, query_group=cfg.query_group,
+                     backend=cfg.backend)
     lb = variant.startswith("salad")
     rank = {"sparse_only": 0, "lora_matched": matched_rank(dm, cfg.lora_rank)}.get(variant, cfg.lora_rank)
     fixed = {"salad_nogate": 1.0, "salad_const05": 0.5}.get(variant)
