@@ -6,7 +6,7 @@ from dataclasses import dataclass
 
 from comfy_api.latest import io
 
-from salad_core.config import BACKENDS, DROP_PLANS, SPARSE_MODES, SaladConfig
+from salad_core.config import BACKENDS, DROP_PLANS, SPARSE_MODES, TOPK_QUERY_BLOCKS, SaladConfig
 from salad_core.dropping import dropped_layers
 from salad_core.patch import apply_salad, salad_runtime
 from salad_core.wan import NotWanModelError, wan_info
@@ -52,8 +52,8 @@ TOOLTIPS = {
         "topk mode: tokens per query block that chooses key blocks (key blocks stay 64 tokens). "
         "128 = one key list per two 64-token query blocks: faster on Hopper GPUs (the kernel loads each "
         "key/value tile once for both); 64 = finer choice per query block (about 2% lower loss in the "
-        "README's toy study). Use what the weights were trained with (the log warns on a mismatch). "
-        "st_swa ignores it."
+        "README's toy study); 128 gains only on Hopper GPUs, choose 64 elsewhere. Use what the weights were "
+        "trained with (the log warns on a mismatch, or when a trained file does not record it). st_swa ignores it."
     ),
     "backend": (
         "Kernel backend. auto picks triton -> flex -> torch by device; a forced backend that cannot run "
@@ -75,15 +75,19 @@ class SaladNodeInfo:
     gate_drop_percentile: float
 
 
-QUERY_BLOCKS = ("128", "64")  # topk_query_block options, tokens (key blocks: SaladConfig.block_size = 64)
+QUERY_BLOCKS = tuple(str(t) for t in TOPK_QUERY_BLOCKS)  # topk_query_block options, tokens
+
+
+def query_group_for(topk_query_block) -> int:
+    """SaladConfig.query_group for a topk_query_block widget value (SALAD Apply and SALAD Train)."""
+    if str(topk_query_block) not in QUERY_BLOCKS:
+        raise ValueError(f"Expected topk_query_block in {QUERY_BLOCKS} (tokens), got {topk_query_block!r}. Try '128'.")
+    return TOPK_QUERY_BLOCKS[int(topk_query_block)]
 
 
 def build_config(sparse_mode="topk", sparsity=0.9, topk=0, gate_drop_percentile=0.0, linear_scale=1.0,
                  dense_steps=0, backend="auto", gate_drop_plan="top", topk_query_block="128") -> SaladConfig:
     """SaladConfig from widget values (ValueError naming the widget on a bad value)."""
-    if str(topk_query_block) not in QUERY_BLOCKS:
-        raise ValueError(f"Expected topk_query_block in {QUERY_BLOCKS} (tokens), got {topk_query_block!r}. Try '128'.")
-    block_size = SaladConfig.block_size
     return SaladConfig(
         sparse_mode=str(sparse_mode),
         sparsity=float(sparsity),
@@ -93,8 +97,7 @@ def build_config(sparse_mode="topk", sparsity=0.9, topk=0, gate_drop_percentile=
         dense_steps=int(dense_steps),
         backend=str(backend),
         gate_drop_plan=str(gate_drop_plan),
-        block_size=block_size,
-        query_group=int(topk_query_block) // block_size,
+        query_group=query_group_for(topk_query_block),
     )
 
 

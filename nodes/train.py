@@ -22,6 +22,7 @@ from salad_core.train.trainer import TrainConfig, Trainer
 from salad_core.wan import NotWanModelError, wan_info
 from salad_core.weights import SaladWeightsError, load_salad_weights
 
+from .apply import QUERY_BLOCKS, query_group_for
 from .weights import MODEL_FOLDER, SaladWeightsIO
 
 MODES = ("distill_prompts", "distill_latents", "flow_latents")
@@ -44,6 +45,8 @@ TOOLTIPS = {
                     "Train with the mode you will use in SALAD Apply; it is recorded in the file."),
     "sparsity": ("Fraction of attention blocks skipped during training (0.90 = 90% skipped). "
                  "Train at (or near) the sparsity you will generate with."),
+    "topk_query_block": ("topk mode: tokens per query block that chooses key blocks (128 or 64), as SALAD Apply's "
+                         "widget of the same name; recorded in the file. Apply with the same value."),
     "overwrite": "Replace an existing models/salad/ file of the same name. Off: such a name is an error.",
     "seed": "Seeds the LoRA initialisation, the prompt/sample order and the training noise and noise levels.",
 }
@@ -83,6 +86,8 @@ class SaladTrain(io.ComfyNode):
                 io.String.Input("output_name", default="salad_trained", tooltip=t["output_name"]),
                 io.Boolean.Input("overwrite", default=False, tooltip=t["overwrite"]),
                 io.Int.Input("seed", default=0, min=0, max=2**31 - 1, tooltip=t["seed"]),
+                io.Combo.Input("topk_query_block", options=list(QUERY_BLOCKS), default="128", optional=True,
+                               tooltip=t["topk_query_block"]),
             ],
             outputs=[SaladWeightsIO.Output(display_name="salad_weights"), io.String.Output(display_name="summary")],
             is_output_node=True,
@@ -90,7 +95,7 @@ class SaladTrain(io.ComfyNode):
 
     @classmethod
     def execute(cls, model, mode, steps, batch, learning_rate, lora_rank, sparse_mode, sparsity, width, height,
-                length, output_name, overwrite, seed, positive=None, data_dir="") -> io.NodeOutput:
+                length, output_name, overwrite, seed, positive=None, data_dir="", topk_query_block="128") -> io.NodeOutput:
         try:
             path = _output_path(output_name)
             if os.path.exists(path) and not overwrite:
@@ -106,7 +111,8 @@ class SaladTrain(io.ComfyNode):
                 dataset = CachedDataset(data_dir)
             cfg = TrainConfig(objective="flow" if mode == "flow_latents" else "distill", steps=steps,
                               global_batch=batch, micro_batch=1, lr=learning_rate, lora_rank=lora_rank,
-                              sparse_mode=sparse_mode, sparsity=sparsity, frames=length, height=height, width=width,
+                              sparse_mode=sparse_mode, sparsity=sparsity, query_group=query_group_for(topk_query_block),
+                              frames=length, height=height, width=width,
                               seed=seed, out=os.path.join(folder_paths.get_temp_directory(), "salad_train"),
                               save_every=0, export_every=0)
             comfy.model_management.load_models_gpu([model], force_full_load=True)

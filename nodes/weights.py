@@ -41,7 +41,7 @@ def describe_weights(weights: SaladWeights | None) -> str:
         f"base model: {m.base_model} (dim {m.dim}, {m.layers} layers, {m.heads} heads)",
         f"sparse mode: {m.sparse_mode}",
         f"topk: {m.topk if m.topk else 'from sparsity'} (block size {m.block_size}"
-        + (f", {m.query_group * m.block_size}-token query blocks)" if m.query_group else ")"),
+        + (f", trained with {m.query_block}-token query blocks)" if m.query_block else ")"),
         f"lora rank: {m.lora_rank if m.lora_rank else 'none'}",
         f"trained steps: {m.trained_steps}",
         f"calibrated windows: {'yes' if m.windows is not None else 'no'}",

@@ -10,6 +10,9 @@ HEAD_KINDS = ("spatial", "temporal")
 BACKENDS = ("auto", "triton", "flex", "torch")
 DROP_PLANS = ("top", "bottom", "random")
 BLOCK_SIZES = (16, 32, 64, 128)
+# The node's topk_query_block options: tokens per Top-K query block -> query_group over the
+# default 64-token key blocks (block_size).
+TOPK_QUERY_BLOCKS = {128: 2, 64: 1}
 
 
 def _expect(ok: bool, what: str, got, fix: str) -> None:
@@ -57,8 +60,8 @@ class SaladConfig:
     block_size: tokens per query/key block.
     query_group: query blocks per Top-K key list, 1 or 2 (query blocks of block_size or twice
         that many tokens; the node's ``topk_query_block`` widget). 2 (default) lets the Hopper
-        kernel load each K/V tile once for both blocks (H100 sparse branch, 1.3B: 1.16 vs 1.39
-        ms, attention-h100-s9.md); ST-SWA ignores it.
+        kernel load each K/V tile once for both blocks (H100 sparse branch, 1.3B: 1.17 vs 1.41
+        ms, attention-h100-s10.md; other GPUs gain nothing); ST-SWA ignores it.
     windows: per layer, per head ST-SWA windows (from calibration); None derives uniform
         windows from ``sparsity`` with heads alternating spatial / temporal.
     linear_scale: static lambda on the gated linear branch (paper eq. 4).

@@ -10,7 +10,7 @@ from dataclasses import replace
 import torch
 
 from .attention import SaladBranch, SaladSelfAttention
-from .config import SaladConfig
+from .config import TOPK_QUERY_BLOCKS, SaladConfig
 from .dropping import dropped_layers
 from .eager_rope import EagerRopeEmbedder
 from .runtime import CALL_KEY, SaladRuntime
@@ -133,10 +133,8 @@ def _config_for_file(config: SaladConfig, weights: SaladWeights) -> SaladConfig:
     in topk mode they are unused. A block size or Top-K query block other than the file's
     training used is kept (the widgets win) with a warning."""
     meta = weights.meta
-    if config.sparse_mode == "topk" and meta.query_group not in (None, config.query_group):
-        log.warning("SALAD: %s was trained with %d-token Top-K query blocks; running with %d (set "
-                    "topk_query_block to %d to match).", weights.source, meta.query_group * meta.block_size,
-                    config.query_group * config.block_size, meta.query_group * meta.block_size)
+    if config.sparse_mode == "topk":
+        _check_query_block(config, weights)
     if meta.windows is None:
         if meta.block_size != config.block_size:
             log.warning("SALAD: %s was made with %d-token blocks; running with %d-token blocks.",
@@ -151,6 +149,24 @@ def _config_for_file(config: SaladConfig, weights: SaladWeights) -> SaladConfig:
     log.info("SALAD: using the calibrated ST-SWA windows of %s (%d-token blocks); the sparsity setting "
              "is not used.", weights.source, meta.block_size)
     return replace(config, windows=meta.windows, block_size=meta.block_size)
+
+
+def _check_query_block(config: SaladConfig, weights: SaladWeights) -> None:
+    """Warn when Top-K runs with query blocks other than the file's training used (or the file,
+    trained, does not say which)."""
+    trained, running = weights.meta.query_block, config.query_group * config.block_size
+    if trained is None:
+        if weights.meta.trained_steps > 0:
+            log.warning("SALAD: %s does not record the Top-K query block it was trained with (files written "
+                        "before it was recorded were almost all trained with 64 tokens); running with %d. "
+                        "Set topk_query_block to 64 for such a file.", weights.source, running)
+        return
+    if trained == running:
+        return
+    fix = (f"set topk_query_block to {trained}" if trained in TOPK_QUERY_BLOCKS else
+           f"from Python, SaladConfig with block_size * query_group = {trained}")
+    log.warning("SALAD: %s was trained with %d-token Top-K query blocks; running with %d (to match: %s).",
+                weights.source, trained, running, fix)
 
 
 def salad_runtime(model_patcher) -> SaladRuntime | None:

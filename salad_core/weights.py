@@ -54,7 +54,9 @@ class SaladMeta:
     sparse_mode: str = "topk"
     topk: int = 0
     block_size: int = 64
-    query_group: int | None = None  # Top-K query blocks per key list (None: not recorded, older files)
+    # Tokens per Top-K query block the file was trained with (query_group * block_size); None when
+    # not trained in topk mode, or written before it was recorded (then mostly 64).
+    query_block: int | None = None
     windows: tuple[tuple[HeadWindow, ...], ...] | None = None
     gate_thresholds: dict[str, float] = field(default_factory=dict)  # percentile -> gate value
     gate_means: tuple[float, ...] | None = None  # per layer, averaged over steps and prompts
@@ -73,7 +75,7 @@ class SaladMeta:
             "salad.sparse_mode": self.sparse_mode,
             "salad.topk": str(self.topk),
             "salad.block_size": str(self.block_size),
-            "salad.query_group": json.dumps(self.query_group),
+            "salad.query_block": json.dumps(self.query_block),
             "salad.windows": json.dumps(windows),
             "salad.gate_thresholds": json.dumps(self.gate_thresholds),
             "salad.gate_means": json.dumps(None if self.gate_means is None else list(self.gate_means)),
@@ -111,9 +113,9 @@ class SaladMeta:
             data = json.loads(text)
             return None if data is None else tuple(tuple(HeadWindow.from_json(w) for w in layer) for layer in data)
 
-        def query_group(text):
+        def query_block(text):
             value = json.loads(text)
-            if value not in (None, 1, 2):
+            if value is not None and not (type(value) is int and value > 0):
                 raise ValueError(value)
             return value
 
@@ -130,7 +132,7 @@ class SaladMeta:
             topk=field_("topk", int),
             block_size=field_("block_size", int),
             # Optional: files written before the field existed do not record it.
-            query_group=field_("query_group", query_group) if "salad.query_group" in meta else None,
+            query_block=field_("query_block", query_block) if "salad.query_block" in meta else None,
             windows=field_("windows", windows),
             gate_thresholds={str(k): float(v) for k, v in field_("gate_thresholds", json.loads).items()},
             gate_means=field_("gate_means", means),

@@ -273,6 +273,14 @@ def test_graph_runs_end_to_end(runner, tiny_name):
     assert not any("self_attn" in k for k in upstream.object_patches) and ROPE_KEY not in upstream.object_patches
 
 
+def test_query_block_widget_values_map_to_query_groups(graph_nodes):
+    apply_mod = sys.modules[graph_nodes.NODE_CLASS_MAPPINGS["SaladApply"].__module__]
+    assert apply_mod.build_config(topk_query_block="128").query_group == 2
+    assert apply_mod.build_config(topk_query_block="64").query_group == 1
+    with pytest.raises(ValueError, match=r"Expected topk_query_block in \('128', '64'\).*got '96'.*Try '128'"):
+        apply_mod.build_config(topk_query_block="96")
+
+
 def test_query_block_widget_reaches_the_selection(runner, tiny_name):
     # A run's outputs are read from ComfyUI's cache, so each is read before the next run.
     fine = runner.run(base_prompt(tiny_name, topk_query_block="64"))

@@ -349,21 +349,34 @@ def test_file_metadata_is_strings_and_loadable_by_safetensors(base, tmp_path):
 
 def test_query_block_is_recorded_and_a_mismatch_warns(base, tmp_path, caplog):
     info = wan_info(base.model.diffusion_model)
-    weights = fresh_salad_weights(info).with_meta(query_group=1)
+    weights = fresh_salad_weights(info).with_meta(query_block=64, trained_steps=5)
     path = save_salad_weights(weights, str(tmp_path / "q64.safetensors"))
-    assert load_salad_weights(path).meta.query_group == 1
+    assert load_salad_weights(path).meta.query_block == 64
     meta = weights.meta.to_metadata()
-    older = {k: v for k, v in meta.items() if k != "salad.query_group"}  # written before the field existed
-    assert load_salad_weights(write_weights(tmp_path / "old.safetensors", weights.tensors, older)).meta.query_group is None
-    bad = write_weights(tmp_path / "bad.safetensors", weights.tensors, {**meta, "salad.query_group": "3"})
-    with pytest.raises(SaladWeightsError, match="salad.query_group.*Try"):
-        load_salad_weights(bad)
-    with caplog.at_level("WARNING", logger="salad"):
-        patched = apply_salad(base, SaladConfig(query_group=2), load_salad_weights(path))
-    assert salad_runtime(patched).config.query_group == 2  # the setting wins, with a warning
-    assert any("64-token Top-K query blocks; running with 128" in r.message for r in caplog.records)
-    caplog.clear()
-    with caplog.at_level("WARNING", logger="salad"):
-        apply_salad(base, SaladConfig(query_group=1), load_salad_weights(path))
-        apply_salad(base, SaladConfig(sparse_mode="st_swa", query_group=2, block_size=BLOCK), load_salad_weights(path))
-    assert not any("query blocks" in r.message for r in caplog.records)
+    older = {k: v for k, v in meta.items() if k != "salad.query_block"}  # written before the field existed
+    assert load_salad_weights(write_weights(tmp_path / "old.safetensors", weights.tensors, older)).meta.query_block is None
+    for bad_value in ("0", "true", "128.0", '"128"'):
+        bad = write_weights(tmp_path / "bad.safetensors", weights.tensors, {**meta, "salad.query_block": bad_value})
+        with pytest.raises(SaladWeightsError, match="salad.query_block.*Try"):
+            load_salad_weights(bad)
+
+    def warnings(config, w):
+        caplog.clear()
+        with caplog.at_level("WARNING", logger="salad"):
+            patched = apply_salad(base, config, w)
+        return salad_runtime(patched).config, [r.message for r in caplog.records if "query block" in r.message]
+
+    config, said = warnings(SaladConfig(query_group=2), load_salad_weights(path))
+    assert config.query_group == 2  # the setting wins, with a warning that names the widget value
+    assert len(said) == 1 and "trained with 64-token Top-K query blocks; running with 128" in said[0]
+    assert "set topk_query_block to 64" in said[0]
+    # Compared in tokens: 32-token blocks in pairs are 64-token query blocks, as the file's.
+    assert warnings(SaladConfig(query_group=2, block_size=32), load_salad_weights(path))[1] == []
+    assert warnings(SaladConfig(query_group=1), load_salad_weights(path))[1] == []
+    assert warnings(SaladConfig(sparse_mode="st_swa", block_size=BLOCK), load_salad_weights(path))[1] == []
+    odd = weights.with_meta(query_block=32)  # no widget value matches: the Python fix is named
+    assert "block_size * query_group = 32" in warnings(SaladConfig(), odd)[1][0]
+    # A trained file that does not say: warned (files before the field were mostly 64); an untrained one is not.
+    unknown = weights.with_meta(query_block=None)
+    assert "does not record the Top-K query block" in warnings(SaladConfig(), unknown)[1][0]
+    assert warnings(SaladConfig(), unknown.with_meta(trained_steps=0))[1] == []

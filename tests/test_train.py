@@ -79,26 +79,44 @@ def test_exported_weights_reproduce_trained_model(load_wan, tiny_wan_path, wan_i
     from salad_core.patch import apply_salad
     from salad_core.weights import load_salad_weights
 
-    t = make_trainer(load_wan(tiny_wan_path), tmp_path, lr=1e-2, query_group=2)  # the default, recorded
+    t = make_trainer(load_wan(tiny_wan_path), tmp_path, lr=1e-2)  # query_group 1 over 16-token blocks
     t.run(3)
     path = t.export()
     weights = load_salad_weights(str(path))
-    assert weights.meta.lora_rank == 4 and weights.meta.trained_steps == 3 and weights.meta.query_group == 2
+    assert weights.meta.lora_rank == 4 and weights.meta.trained_steps == 3 and weights.meta.query_block == 16
     assert not t.model.attn[0].salad.projection_is_zero()
     b = weights.tensors["diffusion_model.blocks.0.self_attn.q.lora_B.weight"]
     assert b.abs().max() > 0
 
     base = load_wan(tiny_wan_path)
     inputs = wan_inputs(base, frames=3, height=8, width=8)
-    salad = apply_salad(base, SaladConfig(sparsity=0.5, block_size=16, backend="torch"), weights)
+    salad = apply_salad(base, SaladConfig(sparsity=0.5, block_size=16, query_group=1, backend="torch"), weights)
     got = run_wan(salad, inputs)
     with torch.no_grad():
         v = t.model(inputs["x"], inputs["sigma"], inputs["context"])
     want = inputs["x"] - inputs["sigma"].view(-1, 1, 1, 1, 1) * v
     torch.testing.assert_close(got.float(), want, rtol=1e-4, atol=1e-5)
     # and it really differs from the untrained (training-free) SALAD model
-    plain = run_wan(apply_salad(base, SaladConfig(sparsity=0.5, block_size=16, backend="torch")), inputs)
+    plain = run_wan(apply_salad(base, SaladConfig(sparsity=0.5, block_size=16, query_group=1, backend="torch")), inputs)
     assert (plain - got).abs().max() > 1e-4
+
+
+def test_export_records_the_query_block_only_for_topk(load_wan, tiny_wan_path, tmp_path):
+    pairs = make_trainer(load_wan(tiny_wan_path), tmp_path / "a", query_group=2).model.export_weights()
+    assert pairs.meta.query_block == 32  # two 16-token blocks per key list
+    windows = make_trainer(load_wan(tiny_wan_path), tmp_path / "b", sparse_mode="st_swa").model.export_weights()
+    assert windows.meta.query_block is None
+
+
+def test_continuing_from_another_query_block_warns(load_wan, tiny_wan_path, tmp_path, caplog):
+    t = make_trainer(load_wan(tiny_wan_path), tmp_path)  # 16-token query blocks
+    with caplog.at_level("WARNING", logger="salad"):
+        t.model.load_salad_weights(t.model.export_weights().with_meta(query_block=32))
+    assert any("trained with 32-token Top-K query blocks; training on with 16" in r.message for r in caplog.records)
+    caplog.clear()
+    with caplog.at_level("WARNING", logger="salad"):
+        t.model.load_salad_weights(t.model.export_weights())
+    assert not caplog.records
 
 
 @pytest.mark.skipif(__import__("os").environ.get("TRITON_INTERPRET") != "1",

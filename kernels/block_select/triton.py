@@ -207,8 +207,9 @@ def _topk_launch(s1: int, s2: int, query_group: int = 1) -> tuple[int, int, int]
     (256 + 256 columns) BQ 8, 4 warps, 3 stages 0.067 ms (next best 0.084); 14B (1024 + 256)
     BQ 16, 8 warps, 3 stages 1.38 ms, BQ 8 / 16 warps 1.96 ms, BQ 2 / 4 warps 2.58 ms. A k̄ᵀ
     chunk takes 64 * s1 bytes of shared memory a stage: pipelined up to s1 = 1024 only.
-    Rows of two query blocks (``query_group`` 2, half as many rows), 14B: 1 stage 0.815 ms vs 3
-    stages 0.942 ms, ids identical (select-topk-h100-s10-q128-sweep.txt); 1.3B: within noise."""
+    Rows of two query blocks (``query_group`` 2, half as many rows) past 512 columns take 1
+    stage: 14B 0.815 vs 0.942 ms with 3, ids identical (select-topk-h100-s10-q128-sweep.txt;
+    only the 14B width was measured)."""
     width = s1 + s2
     if width <= 512:
         return 8, 4, 3

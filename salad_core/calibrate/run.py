@@ -297,8 +297,11 @@ def calibrate_gates(
     m = weights.meta
     if config is None:
         windows = m.windows if m.sparse_mode == "st_swa" else None
+        # The file's Top-K query block when it is one this block size can make (else the default; apply_salad warns).
+        group = (m.query_block or 0) // m.block_size
+        group = group if group in (1, 2) and group * m.block_size == m.query_block else SaladConfig.query_group
         config = SaladConfig(sparse_mode=m.sparse_mode, topk=m.topk, block_size=m.block_size, windows=windows,
-                             query_group=m.query_group or SaladConfig.query_group)
+                             query_group=group)
     from dataclasses import replace
 
     config = replace(config, gate_drop_percentile=0.0, dense_steps=0)

@@ -18,6 +18,7 @@ Default LoRA rank, matching the paper's ~165M trainable parameters for Wan2.1-1.
 from __future__ import annotations
 
 import functools
+import logging
 
 import torch
 from torch import nn
@@ -29,6 +30,8 @@ from ..runtime import CALL_KEY, CallInfo, SaladRuntime
 from ..wan import wan_info
 from ..weights import LORA_TARGETS, SaladMeta, SaladWeights, branch_key, lora_key
 from .lora import LoRALinear
+
+log = logging.getLogger("salad")
 
 DEFAULT_LORA_RANK = 256
 
@@ -189,7 +192,7 @@ class SaladTrainModel(nn.Module):
         meta = SaladMeta(
             base_model=base_model or self.info.base_model, dim=self.info.dim, layers=self.info.num_layers,
             heads=self.info.num_heads, sparse_mode=c.sparse_mode, topk=c.topk, block_size=c.block_size,
-            query_group=c.query_group if c.sparse_mode == "topk" else None,
+            query_block=c.query_group * c.block_size if c.sparse_mode == "topk" else None,
             windows=c.windows, lora_rank=self.lora_rank, trained_steps=int(trained_steps),
         )
         return SaladWeights(meta, tensors)
@@ -203,6 +206,11 @@ class SaladTrainModel(nn.Module):
                 f"{weights.source}: Expected LoRA rank {self.lora_rank}, got {weights.meta.lora_rank}. "
                 f"Try lora_rank={weights.meta.lora_rank}."
             )
+        c = self.config
+        running = c.query_group * c.block_size if c.sparse_mode == "topk" else None
+        if running is not None and weights.meta.query_block not in (None, running):
+            log.warning("SALAD: %s was trained with %d-token Top-K query blocks; training on with %d "
+                        "(the export records %d).", weights.source, weights.meta.query_block, running, running)
         for i, module in enumerate(self.attn):
             module.salad.load_state_dict({k: v.float() for k, v in weights.branch_state(i).items()})
             for t in LORA_TARGETS if weights.lora_state() else ():
