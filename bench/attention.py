@@ -36,7 +36,7 @@ import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from bench.provenance import git_sha  # noqa: E402
+from bench.provenance import git_sha, short_commit  # noqa: E402
 import kernels  # noqa: E402
 from kernels.block_sparse_attn import triton as bsa_triton  # noqa: E402
 from kernels.block_sparse_attn.flex import block_mask_from_selection, flex_call  # noqa: E402
@@ -307,7 +307,7 @@ def write_outputs(args, device_tag):
     device_tag = device_tag + args.tag
     (out / f"attention-{device_tag}.json").write_text(json.dumps(RECORDS, indent=1) + "\n")
     lines = [
-        f"# attention benchmark — {RECORDS[0]['device']} — commit {RECORDS[0]['commit'][:10]} — {RECORDS[0]['date']}",
+        f"# attention benchmark — {RECORDS[0]['device']} — commit {short_commit(RECORDS[0]['commit'])} — {RECORDS[0]['date']}",
         "",
         "Median of >= 50 calls queued back to back, each between CUDA events; bf16; B=1, D=128, block 64. speedup = dense_cudnn ms / case ms (same run). sparse kernel: gluon (Hopper) or triton; *_triton_kernel rows time the Triton kernel on the same inputs.",
         "",

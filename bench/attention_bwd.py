@@ -29,6 +29,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import kernels  # noqa: E402
 from bench.attention import git_sha, time_ms  # noqa: E402
+from bench.provenance import short_commit  # noqa: E402
 from kernels.block_sparse_attn import triton_bwd  # noqa: E402
 
 BLOCK = 64
@@ -107,7 +108,7 @@ def main():
     out_dir = Path(a.out)
     out_dir.mkdir(parents=True, exist_ok=True)
     (out_dir / f"attention-bwd-{tag}.json").write_text(json.dumps(records, indent=1) + "\n")
-    lines = [f"# Sparse-branch forward + backward ({name}, commit {base['commit'][:10]})", "",
+    lines = [f"# Sparse-branch forward + backward ({name}, commit {short_commit(base['commit'])})", "",
              f"{shape}: B 1, H 12, N {n}, D 128, bf16, Top-K {topk}/{nb} blocks of 64 "
              f"({100 * (1 - topk / nb):.1f}% sparse). Median of {a.reps} CUDA-event-timed calls.", "",
              "| case | ms | vs baseline |", "|---|---:|---|"]

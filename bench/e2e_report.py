@@ -5,6 +5,8 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+from bench.provenance import short_commit
+
 
 def _by_case(records):
     shapes: dict[str, dict[str, dict]] = {}
@@ -43,7 +45,7 @@ def write_report(json_path: Path) -> None:
     shapes = _by_case(records)
     r0 = records[0]
     lines = [
-        f"# e2e benchmark — {r0['device']} — commit {r0['commit'][:10]} — {r0['date']}",
+        f"# e2e benchmark — {r0['device']} — commit {short_commit(r0['commit'])} — {r0['date']}",
         "",
         "ComfyUI 0.3.75 WanModel, random weights (real key names), bf16, batch 1, comfy.sample.sample "
         "(euler/simple, cfg 1: one forward per step). step s = mean per sampling step after a warm-up "

@@ -1,4 +1,4 @@
-"""The commit a benchmark's records name (bench/attention.py and bench/e2e.py)."""
+"""The commit a benchmark's records name (bench/attention.py, bench/e2e.py, their reports)."""
 
 from __future__ import annotations
 
@@ -18,3 +18,9 @@ def git_sha() -> str:
         return subprocess.check_output(["git", "rev-parse", "HEAD"], cwd=REPO, text=True, stderr=subprocess.DEVNULL).strip()
     except (OSError, subprocess.CalledProcessError):
         return "unknown"
+
+
+def short_commit(commit: str) -> str:
+    """A full hex sha cut to 10 characters for report titles; anything else (a short sha with a
+    suffix such as "4e16d69+wip", "unknown") as given."""
+    return commit[:10] if len(commit) == 40 and all(c in "0123456789abcdef" for c in commit) else commit
