@@ -50,10 +50,10 @@ TOOLTIPS = {
     ),
     "topk_query_block": (
         "topk mode: tokens per query block that chooses key blocks (key blocks stay 64 tokens). "
-        "128 = one key list per two 64-token query blocks: faster on Hopper GPUs (the kernel loads each "
-        "key/value tile once for both); 64 = finer choice per query block (about 2% lower loss in the "
-        "README's toy study); 128 gains only on Hopper GPUs, choose 64 elsewhere. Use what the weights were "
-        "trained with (the log warns on a mismatch, or when a trained file does not record it). st_swa ignores it."
+        "128 = one key list per two 64-token query blocks: faster on Hopper GPUs only (the kernel loads each "
+        "key/value tile once for both); choose 64 on other GPUs. 64 = finer choice per query block (about 2% "
+        "lower loss in the README's toy study). Use what the weights were trained with (the log warns on a "
+        "mismatch, or when a trained file does not record it). st_swa ignores it."
     ),
     "backend": (
         "Kernel backend. auto picks triton -> flex -> torch by device; a forced backend that cannot run "
