@@ -26,7 +26,8 @@ def test_salad_train_node_writes_weights_that_apply(graph_nodes, comfy_models_di
         "3": {"class_type": "SaladTrain", "inputs": {
             "model": ["1", 0], "mode": "distill_prompts", "positive": ["2", 0], "steps": 2, "batch": 2,
             "learning_rate": 1e-3, "lora_rank": 4, "sparse_mode": "topk", "sparsity": 0.5, "width": 64,
-            "height": 64, "length": 9, "output_name": "trained_tiny", "overwrite": True, "seed": 0}},
+            "height": 64, "length": 9, "output_name": "trained_tiny", "overwrite": True, "seed": 0,
+            "topk_query_block": "64"}},
     }
     run = runner.run(prompt)
     assert run.success, run.error
@@ -37,7 +38,7 @@ def test_salad_train_node_writes_weights_that_apply(graph_nodes, comfy_models_di
     assert {type(b.self_attn).__name__ for b in dm.blocks} == {"WanSelfAttention"}
     path = Path(folder_paths.get_folder_paths("salad")[0]) / "trained_tiny.safetensors"
     w = load_salad_weights(str(path))
-    assert w.meta.trained_steps == 2 and w.meta.lora_rank == 4
+    assert w.meta.trained_steps == 2 and w.meta.lora_rank == 4 and w.meta.query_block == 64
     assert "loss" in str(run.ui("3"))
 
     run2 = runner.run(base_prompt(TINY_NAME, weights="trained_tiny.safetensors", steps=1, stats=False,
