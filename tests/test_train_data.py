@@ -6,7 +6,6 @@ returns [1, 512, 4096] stands in for ``data.comfy_text_encoder``. Then the CLI t
 
 from __future__ import annotations
 
-import json
 import logging
 import os
 import subprocess

@@ -15,7 +15,6 @@ fidelity-<device>-attention.png (block attention heat maps); ``--shape micro`` a
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import datetime
 import json
 import logging
