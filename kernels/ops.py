@@ -13,7 +13,7 @@ from .block_select.naive import spatial_temporal_token_order, topk_keep_count
 from .layout import into_layout, out_like
 from .linear_attn.naive import DEFAULT_EPS
 from .registry import implementation
-from .selection import QUERY_GROUPS, BlockSelection, num_blocks
+from .selection import BlockSelection, check_query_group, num_blocks
 
 
 @torch.library.custom_op("salad::select_topk_blocks", mutates_args=())
@@ -42,15 +42,9 @@ def select_topk_blocks(
 ) -> BlockSelection:
     """Top-K block selection (paper A.1.2), diagonal always kept. ``query_group`` 2: query blocks
     of 2 * block_size tokens choose the key blocks (each list stored for both halves)."""
-    _check_query_group(query_group)
+    check_query_group(query_group)
     indices, counts = _select_topk_blocks_op(q, k, block_size, topk, query_group, backend)
     return BlockSelection(indices, counts, block_size, q.shape[2], query_group=query_group)
-
-
-def _check_query_group(query_group: int) -> None:
-    if query_group not in QUERY_GROUPS:
-        raise ValueError(f"Expected query_group in {QUERY_GROUPS}, got {query_group}. "
-                         "Try 1 (query blocks of block_size tokens) or 2 (twice that).")
 
 
 @torch.library.custom_op("salad::select_topk_pooled", mutates_args=())
@@ -83,7 +77,7 @@ def select_topk_pooled(
             f"blocks of {block_size}, got {tuple(q_pool.shape)} and {tuple(k_pool_t.shape)}. "
             "Try pooling with the same block_size (linear_state_pooled)."
         )
-    _check_query_group(query_group)
+    check_query_group(query_group)
     indices, counts = _select_topk_pooled_op(q_pool, k_pool_t, block_size, topk, seq_len, query_group, backend)
     return BlockSelection(indices, counts, block_size, seq_len, query_group=query_group)
 

@@ -38,12 +38,7 @@ class BlockSelection:
     query_group: int = 1
 
     def __post_init__(self):
-        if self.query_group not in QUERY_GROUPS or (self.query_group > 1 and self.token_order is not None):
-            raise ValueError(
-                f"Expected query_group in {QUERY_GROUPS} (2 only without a token_order), got "
-                f"{self.query_group} with token_order {'set' if self.token_order is not None else 'None'}. "
-                "Try query_group=1 (one key list per query block)."
-            )
+        check_query_group(self.query_group, self.token_order)
         if self.kv_indices.dim() != 4 or self.kv_counts.dim() != 3:
             raise ValueError(
                 f"Expected kv_indices [B, H, n_blocks, max_kv] and kv_counts [B, H, n_blocks], "
@@ -109,6 +104,22 @@ def block_sizes(seq_len: int, block_size: int, device) -> torch.Tensor:
     in sampling, through the stats' kept_token_pairs)."""
     starts = torch.arange(0, seq_len, block_size, dtype=torch.float64, device=device)
     return (seq_len - starts).clamp(max=block_size)
+
+
+def check_query_group(query_group: int, token_order: torch.Tensor | None = None) -> None:
+    """ValueError unless ``query_group`` is one of QUERY_GROUPS (and 1 with a token order)."""
+    if query_group not in QUERY_GROUPS or (query_group > 1 and token_order is not None):
+        raise ValueError(
+            f"Expected query_group in {QUERY_GROUPS} (2 only without a token_order), got "
+            f"{query_group} with token_order {'set' if token_order is not None else 'None'}. "
+            "Try query_group=1 (one key list per query block)."
+        )
+
+
+def own_key_blocks(n_groups: int, n_blocks: int, query_group: int, device) -> torch.Tensor:
+    """bool [n_groups, n_blocks]: the key blocks a group of ``query_group`` query blocks
+    overlaps (its diagonal), which Top-K always keeps."""
+    return torch.arange(n_blocks, device=device) // query_group == torch.arange(n_groups, device=device)[:, None]
 
 
 def pool_query_groups(q_pool: torch.Tensor, seq_len: int, block_size: int, query_group: int) -> torch.Tensor:

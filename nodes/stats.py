@@ -41,7 +41,7 @@ def summarize(runtime, info: SaladNodeInfo | None, s: RunSummary) -> str:
     else:
         mode = f"{cfg.sparse_mode}, target sparsity {cfg.sparsity:.2f}" + (f", topk {cfg.topk}" if cfg.topk else "")
         if cfg.sparse_mode == "topk":
-            mode += f", {cfg.query_group * cfg.block_size}-token query blocks"
+            mode += f", {cfg.query_block}-token query blocks"
     measured = "n/a (no SALAD step ran)" if s.sparsity is None else f"{s.sparsity:.3f}"
     lines.append(f"mode: {mode}; measured sparsity: {measured}")
     lines.append(f"steps: {len(s.steps)} SALAD + {s.dense_steps} dense (dense_steps {cfg.dense_steps})")

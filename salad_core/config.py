@@ -120,6 +120,11 @@ class SaladConfig:
                 "windows from a calibrated SALAD weights file",
             )
 
+    @property
+    def query_block(self) -> int:
+        """Tokens per Top-K query block (query_group blocks of block_size)."""
+        return self.query_group * self.block_size
+
     def topk_for(self, n_blocks: int) -> int:
         """Key blocks kept per query block for a sequence of ``n_blocks`` blocks."""
         if self.topk > 0:

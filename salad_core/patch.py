@@ -109,7 +109,7 @@ def apply_salad(model_patcher, config: SaladConfig, weights: SaladWeights | None
     clone.set_attachments(ATTACHMENT_KEY, runtime)
     mode = config.sparse_mode
     if mode == "topk":
-        mode += f" ({config.query_group * config.block_size}-token query blocks)"
+        mode += f" ({config.query_block}-token query blocks)"
     log.info(
         "SALAD: %s, %s mode, sparsity %.2f, linear branch in %d/%d layers (%d dropped), backend %s",
         source, mode, config.sparsity, len(active), info.num_layers, len(drop), config.backend,
@@ -154,7 +154,7 @@ def _config_for_file(config: SaladConfig, weights: SaladWeights) -> SaladConfig:
 def _check_query_block(config: SaladConfig, weights: SaladWeights) -> None:
     """Warn when Top-K runs with query blocks other than the file's training used (or the file,
     trained, does not say which)."""
-    trained, running = weights.meta.query_block, config.query_group * config.block_size
+    trained, running = weights.meta.query_block, config.query_block
     if trained is None:
         if weights.meta.trained_steps > 0:
             log.warning("SALAD: %s does not record the Top-K query block it was trained with (files written "

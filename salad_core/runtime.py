@@ -67,8 +67,8 @@ class SaladRuntime:
     def fused_kernels(self, device: torch.device) -> bool:
         """Whether the hot path uses the fused kernels (q/k norm + RoPE in one pass, the
         linear state with the Top-K pooling, Proj folded into the linear state): on CUDA when
-        the Triton backend runs, on CPU only when 'triton' is forced (interpreter tests). Decided once per call, outside the layers,
-        so compiled layers see a plain bool."""
+        the Triton backend runs, on CPU only when 'triton' is forced (interpreter tests).
+        Decided once per call, outside the layers, so compiled layers see a plain bool."""
         backend = self.config.backend
         if device.type != "cuda" and backend != "triton":
             return False

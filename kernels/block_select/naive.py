@@ -8,7 +8,14 @@ from dataclasses import replace
 
 import torch
 
-from ..selection import BlockSelection, block_sizes, num_blocks, pool_query_groups, selection_from_block_mask
+from ..selection import (
+    BlockSelection,
+    block_sizes,
+    num_blocks,
+    own_key_blocks,
+    pool_query_groups,
+    selection_from_block_mask,
+)
 
 
 def mean_pool_blocks(x: torch.Tensor, block_size: int) -> torch.Tensor:
@@ -53,8 +60,7 @@ def topk_keep_count(topk: int, n_blocks: int, query_group: int) -> int:
 def _topk_from_rows(q_rows, k_pool_t, block_size, topk, seq_len, query_group):
     nq, nb = q_rows.shape[2], k_pool_t.shape[-1]
     scores = q_rows @ k_pool_t
-    diag = torch.arange(nb, device=scores.device) // query_group == torch.arange(nq, device=scores.device)[:, None]
-    scores = scores.masked_fill(diag, float("inf"))
+    scores = scores.masked_fill(own_key_blocks(nq, nb, query_group, scores.device), float("inf"))
     top = scores.topk(topk_keep_count(topk, nb, query_group), dim=-1).indices
     mask = torch.zeros_like(scores, dtype=torch.bool).scatter_(-1, top, True)
     mask = mask.repeat_interleave(query_group, dim=2)[:, :, :nb]

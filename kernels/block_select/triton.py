@@ -20,7 +20,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ..selection import BlockSelection, num_blocks, pool_query_groups, repeat_query_groups
+from ..selection import BlockSelection, num_blocks, own_key_blocks, pool_query_groups, repeat_query_groups
 from .naive import topk_keep_count, window_radius_blocks
 
 # "triton" (default): the fused score + radix-select kernel below. H100, pooling included:
@@ -236,8 +236,7 @@ def select_topk_pooled_triton(
     if TOPK_IMPL == "torch" or nb > TOPK_TRITON_MAX_BLOCKS:
         # Block-level scores [nq, nb] (never token-level) through cuBLAS fp32, torch.topk, sort.
         scores = pool_query_groups(qp, seq_len, block_size, query_group) @ kpt
-        diag = torch.arange(nb, device=qp.device) // query_group == torch.arange(nq, device=qp.device)[:, None]
-        scores.masked_fill_(diag, float("inf"))
+        scores.masked_fill_(own_key_blocks(nq, nb, query_group, qp.device), float("inf"))
         top = scores.topk(k_eff, dim=-1, sorted=False).indices.sort(dim=-1).values
         idx = top.to(torch.int32)
         cnt = torch.full((b, h, nq), k_eff, device=qp.device, dtype=torch.int32)

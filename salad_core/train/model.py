@@ -192,7 +192,7 @@ class SaladTrainModel(nn.Module):
         meta = SaladMeta(
             base_model=base_model or self.info.base_model, dim=self.info.dim, layers=self.info.num_layers,
             heads=self.info.num_heads, sparse_mode=c.sparse_mode, topk=c.topk, block_size=c.block_size,
-            query_block=c.query_group * c.block_size if c.sparse_mode == "topk" else None,
+            query_block=c.query_block if c.sparse_mode == "topk" else None,
             windows=c.windows, lora_rank=self.lora_rank, trained_steps=int(trained_steps),
         )
         return SaladWeights(meta, tensors)
@@ -207,7 +207,7 @@ class SaladTrainModel(nn.Module):
                 f"Try lora_rank={weights.meta.lora_rank}."
             )
         c = self.config
-        running = c.query_group * c.block_size if c.sparse_mode == "topk" else None
+        running = c.query_block if c.sparse_mode == "topk" else None
         if running is not None and weights.meta.query_block not in (None, running):
             log.warning("SALAD: %s was trained with %d-token Top-K query blocks; training on with %d "
                         "(the export records %d).", weights.source, weights.meta.query_block, running, running)
