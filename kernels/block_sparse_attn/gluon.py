@@ -53,6 +53,17 @@ def _load_tile(desc, ring, bars, slot, plane, row, col):
 
 
 @gluon.jit
+def _smem_tiles(q_desc, k_desc, v_desc, Q_TILES: gl.constexpr, STAGES: gl.constexpr, BS: gl.constexpr,
+                D: gl.constexpr, DV: gl.constexpr):
+    """Shared memory for Q_TILES query tiles and K/V rings of STAGES slots, as TMA fills them."""
+    dtype: gl.constexpr = q_desc.dtype
+    q_smem = gl.allocate_shared_memory(dtype, [Q_TILES, 1, BS, D], q_desc.layout)
+    k_ring = gl.allocate_shared_memory(dtype, [STAGES, 1, BS, D], k_desc.layout)
+    v_ring = gl.allocate_shared_memory(dtype, [STAGES, 1, BS, DV], v_desc.layout)
+    return q_smem, k_ring, v_ring
+
+
+@gluon.jit
 def _tile(ring, slot, rows: gl.constexpr, cols: gl.constexpr):
     """Ring slot ``slot`` ([1, rows, cols], as TMA fills it) as the [rows, cols] wgmma operand."""
     return ring.index(slot).reshape([rows, cols])
@@ -163,10 +174,7 @@ def _bsa_fwd_hopper_kernel(
     """One program per (query block, batch x head), one warpgroup that also issues the loads.
     The tensors are 3-D views: token n of (b, h) is row n of plane ``b * plane_b + h * plane_h``,
     columns from ``h * col_h`` (``col_hv`` for V)."""
-    dtype: gl.constexpr = q_desc.dtype
-    q_smem = gl.allocate_shared_memory(dtype, [1, 1, BS, D], q_desc.layout)
-    k_ring = gl.allocate_shared_memory(dtype, [STAGES, 1, BS, D], k_desc.layout)
-    v_ring = gl.allocate_shared_memory(dtype, [STAGES, 1, BS, DV], v_desc.layout)
+    q_smem, k_ring, v_ring = _smem_tiles(q_desc, k_desc, v_desc, 1, STAGES, BS, D, DV)
     q_bar = gl.allocate_shared_memory(gl.int64, [1, 1], mbarrier.MBarrierLayout())
     k_bars = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
     v_bars = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
@@ -277,10 +285,7 @@ def _bsa_fwd_hopper_grouped_kernel(
     CONSUMER_REGS: gl.constexpr,
 ):
     """One program per (pair of query blocks, batch x head); ``s_im`` steps over pairs."""
-    dtype: gl.constexpr = q_desc.dtype
-    q_smem = gl.allocate_shared_memory(dtype, [2, 1, BS, D], q_desc.layout)
-    k_ring = gl.allocate_shared_memory(dtype, [STAGES, 1, BS, D], k_desc.layout)
-    v_ring = gl.allocate_shared_memory(dtype, [STAGES, 1, BS, DV], v_desc.layout)
+    q_smem, k_ring, v_ring = _smem_tiles(q_desc, k_desc, v_desc, 2, STAGES, BS, D, DV)
     q_bar = gl.allocate_shared_memory(gl.int64, [2, 1], mbarrier.MBarrierLayout())
     k_full = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
     v_full = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
