@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import argparse
 import datetime
-import gc
 import json
 import math
 import os
@@ -243,7 +242,7 @@ def main(argv=None) -> int:
     device_name = "cpu" if cpu else torch.cuda.get_device_name(dev)
     tag = device_tag(device_name)
 
-    from salad_core.train.trainer import Trainer, TrainConfig
+    from salad_core.train.trainer import Trainer, TrainConfig, close_distributed
 
     model = build_model(a, dev, dtype)
     latent = (16, (a.frames - 1) // 4 + 1, a.height // 8, a.width // 8)
@@ -338,14 +337,8 @@ def main(argv=None) -> int:
             sp = f"  ({r['speedup']:.3f}x {r['baseline_case']})" if r.get("speedup") else ""
             print(f"[train_scale] {r['case']} {r['shape']} {r['metric']} = {r['value']:.4g}{sp}", flush=True)
         print(f"[train_scale] wrote {path}", flush=True)
-    # FSDP2 / DDP state holds communication work on the process group: free it before the group
-    # goes (a gloo rank once aborted in teardown with "terminate called without an active
-    # exception", in CI, after writing its results; not reproduced since).
     del trainer, model
-    gc.collect()
-    if torch.distributed.is_initialized():
-        torch.distributed.barrier()
-        torch.distributed.destroy_process_group()
+    close_distributed()
     return 0
 
 

@@ -47,12 +47,12 @@ def _worker(rank, world, port, comfy_root, model_path, out_dir):
     _setup(comfy_root)
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE=str(world))
     torch.distributed.init_process_group("gloo", rank=rank, world_size=world)
-    try:
-        _, grads = _grads(model_path, out_dir, global_batch=4, micro_batch=1)
-        if rank == 0:
-            torch.save(grads, os.path.join(out_dir, "ddp_grads.pt"))
-    finally:
-        torch.distributed.destroy_process_group()
+    from salad_core.train.trainer import close_distributed
+
+    _, grads = _grads(model_path, out_dir, global_batch=4, micro_batch=1)
+    if rank == 0:
+        torch.save(grads, os.path.join(out_dir, "ddp_grads.pt"))
+    close_distributed()  # the trainer's DDP module went with _grads
 
 
 def test_ddp_two_process_gloo_matches_single_process(comfy, tiny_wan_path, tmp_path):

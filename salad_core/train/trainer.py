@@ -10,6 +10,7 @@ exactly the same samples and noise as one uninterrupted single-process run.
 from __future__ import annotations
 
 import dataclasses
+import gc
 import json
 import logging
 import math
@@ -89,6 +90,20 @@ def init_distributed() -> None:
         if cuda:
             torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", 0)))
         torch.distributed.init_process_group("nccl" if cuda else "gloo")
+
+
+def close_distributed() -> None:
+    """Leave the process group together, after the caller has dropped its DDP/FSDP modules.
+
+    A gloo rank once aborted in CI ("terminate called without an active exception") after
+    its results were written, while its peer was still writing a file: ranks that destroy the
+    group at different times race in gloo's teardown. Call only on success: a rank that
+    failed mid-collective would leave the others waiting in the barrier.
+    """
+    gc.collect()  # module state left in reference cycles still holds work on the group
+    if torch.distributed.is_initialized():
+        torch.distributed.barrier()
+        torch.distributed.destroy_process_group()
 
 
 class Trainer:
@@ -342,4 +357,7 @@ def train(cfg: TrainConfig, resume: bool = True, progress=None) -> Path:
         log.info("SALAD train: resumed at step %d", trainer.step)
     trainer.run()
     trainer.save_checkpoint()
-    return trainer.export()
+    path = trainer.export()
+    del trainer
+    close_distributed()
+    return path
