@@ -5,6 +5,8 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass, field
 
+from kernels.selection import QUERY_GROUPS
+
 SPARSE_MODES = ("topk", "st_swa")
 HEAD_KINDS = ("spatial", "temporal")
 BACKENDS = ("auto", "triton", "flex", "torch")
@@ -94,7 +96,8 @@ class SaladConfig:
         )
         _expect(isinstance(self.topk, int) and self.topk >= 0, "topk >= 0", self.topk, "0 to derive it from sparsity")
         _expect(self.block_size in BLOCK_SIZES, f"block_size in {BLOCK_SIZES}", self.block_size, "64")
-        _expect(self.query_group in (1, 2), "query_group 1 or 2", self.query_group, "2 (128-token query blocks)")
+        _expect(self.query_group in QUERY_GROUPS, f"query_group in {QUERY_GROUPS}", self.query_group,
+                "2 (128-token query blocks)")
         _expect(
             isinstance(self.linear_scale, (int, float)) and 0.0 <= self.linear_scale <= 4.0 and math.isfinite(self.linear_scale),
             "linear_scale in [0, 4]",

@@ -322,3 +322,17 @@ def test_gate_thresholds_refuse_training_free_weights(five_layer):
     fresh = fresh_salad_weights(wan_info(five_layer.model.diffusion_model))
     with pytest.raises(SaladWeightsError, match=r"Expected a trained file.*Try"):
         calibrate_gates(five_layer, fresh, conds(1, 0), LATENT, steps=1)
+
+
+@pytest.mark.parametrize("query_block, block_size, group", [
+    (128, 64, 2), (64, 64, 1), (64, 32, 2), (32, 32, 1),
+    (None, 64, 2),  # not recorded: the default
+    (96, 64, 2), (256, 64, 2), (32, 64, 2),  # no query_group makes it from this block size: the default
+])
+def test_gate_calibration_takes_the_files_query_block(query_block, block_size, group):
+    from salad_core.calibrate.run import file_query_group
+    from salad_core.weights import SaladMeta
+
+    meta = SaladMeta(base_model="wan2.1_t2v_1.3B", dim=64, layers=2, heads=2, block_size=block_size,
+                     query_block=query_block)
+    assert file_query_group(meta) == group

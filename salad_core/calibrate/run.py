@@ -11,6 +11,8 @@ from typing import Callable
 
 import torch
 
+from kernels.selection import QUERY_GROUPS
+
 from ..attention import SaladSelfAttention
 from ..config import SaladConfig
 from ..patch import apply_salad, latent_grid, salad_runtime, self_attn_key, stock_self_attention
@@ -274,6 +276,13 @@ def gate_statistics(gates) -> GateCalibration:
     return GateCalibration(frozen, tuple(quantiles), thresholds, tuple(means))
 
 
+def file_query_group(meta) -> int:
+    """SaladConfig.query_group for the Top-K query block a weights file records, when its block
+    size can make it; else the default (apply_salad then warns about the mismatch)."""
+    group = (meta.query_block or 0) // meta.block_size
+    return group if group in QUERY_GROUPS and group * meta.block_size == meta.query_block else SaladConfig.query_group
+
+
 def calibrate_gates(
     model_patcher,
     weights: SaladWeights,
@@ -297,11 +306,8 @@ def calibrate_gates(
     m = weights.meta
     if config is None:
         windows = m.windows if m.sparse_mode == "st_swa" else None
-        # The file's Top-K query block when it is one this block size can make (else the default; apply_salad warns).
-        group = (m.query_block or 0) // m.block_size
-        group = group if group in (1, 2) and group * m.block_size == m.query_block else SaladConfig.query_group
         config = SaladConfig(sparse_mode=m.sparse_mode, topk=m.topk, block_size=m.block_size, windows=windows,
-                             query_group=group)
+                             query_group=file_query_group(m))
     from dataclasses import replace
 
     config = replace(config, gate_drop_percentile=0.0, dense_steps=0)
