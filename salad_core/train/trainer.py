@@ -100,7 +100,7 @@ def close_distributed() -> None:
     group at different times race in gloo's teardown. Call only on success: a rank that
     failed mid-collective would leave the others waiting in the barrier.
     """
-    gc.collect()  # module state left in reference cycles still holds work on the group
+    gc.collect()  # module state a reference cycle may still hold would keep work on the group
     if torch.distributed.is_initialized():
         torch.distributed.barrier()
         torch.distributed.destroy_process_group()
